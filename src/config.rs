@@ -1,0 +1,584 @@
+//! Configuration: the file format (a contract, see DESIGN.md), environment overrides, and
+//! validation into the typed [`Config`] the rest of the program uses.
+//!
+//! Loading happens in two steps, as in rathole and sozu: the file (plus `GEOPROXY__SECTION__KEY`
+//! environment overrides) is deserialized into `raw` structs that reject unknown keys, and
+//! [`validate`] turns those into a [`Config`], collecting *every* error with the path of the key
+//! that caused it. Nothing binds a port before this has succeeded.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Largest `[[members]]` list accepted; a sanity bound, not a design limit.
+const MAX_MEMBERS: usize = 64;
+
+/// Default for `proxy.max_clients`: Redis's own `maxclients` default.
+pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// Default for `proxy.reply_timeout`: a member that has not answered a (non-blocking) command
+/// for this long is treated as hung. Generous, because a slow `KEYS *` is not a dead member.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for `proxy.unavailable_timeout`: how long a command waits for any member to become
+/// available before it gets `-UNAVAILABLE`. Short: clients must not hang.
+pub const DEFAULT_UNAVAILABLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default for `proxy.connect_timeout`: TCP connect plus session-state handshake to a member.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default for `proxy.shutdown_timeout`: how long in-flight replies may take after SIGTERM.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for `health.interval` (time between two PING checks of one member).
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Default for `health.timeout` (a check not answered within it has failed).
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default for `health.rise` and `health.fall` (consecutive results that flip a member).
+pub const DEFAULT_RISE_FALL: u32 = 2;
+/// Default for `failover.failback_after`: a recovered preferred member must stay healthy this
+/// long before traffic returns to it (it may still be re-syncing with the others).
+pub const DEFAULT_FAILBACK_AFTER: Duration = Duration::from_secs(30);
+
+/// How the proxy is deployed (DESIGN.md "Modes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A sidecar next to each app server: its own preference, its region first.
+    Colocated,
+    /// One active proxy and a standby.
+    Centralized,
+    /// N active proxies sharing a view of the members.
+    Pooled,
+}
+
+/// Whether the router returns to a recovered preferred member by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    /// After `failback_after` of continuous health.
+    Auto,
+    /// Never by itself; an operator switches over.
+    Manual,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    /// Members in preference order: this proxy's `region` first, then file order.
+    pub members: Vec<MemberConfig>,
+    pub health: HealthConfig,
+    pub failover: FailoverConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Where Redis clients connect.
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    /// This proxy's region: members in it are preferred.
+    pub region: Option<String>,
+    /// Connections beyond this get `-ERR max number of clients reached`, as Redis says.
+    pub max_clients: usize,
+    pub reply_timeout: Duration,
+    pub unavailable_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// Tokio worker threads; 0 = one per core.
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// `/live /ready /metrics /v1/...`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    /// Stable name used in logs, metrics and the admin API.
+    pub id: String,
+    /// `host:port`; a host name is resolved again at every new connection.
+    pub address: String,
+    pub region: Option<String>,
+    /// Credentials the health checks use (sessions replay their clients' own AUTH).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct FailoverConfig {
+    pub failback: Failback,
+    pub failback_after: Duration,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// A secret value: printed as `***` in logs, `Debug` and `/v1/status`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Every problem found in a configuration, each naming its key.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration:")?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(problem: String) -> Self {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (TOML) with `GEOPROXY__SECTION__KEY` environment overrides and validates it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = config::File::from(path).format(config::FileFormat::Toml);
+        Self::build(source)
+    }
+
+    /// Parses a TOML document (with environment overrides) and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::build(config::File::from_str(text, config::FileFormat::Toml))
+    }
+
+    fn build<S>(source: S) -> Result<Config, ConfigError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let env = config::Environment::with_prefix("GEOPROXY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        let raw: raw::File = config::Config::builder()
+            .add_source(source)
+            .add_source(env)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        validate(raw)
+    }
+}
+
+/// The file as written, before validation. Every struct rejects unknown keys.
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub proxy: Proxy,
+        pub admin: Admin,
+        #[serde(default)]
+        pub members: Vec<Member>,
+        #[serde(default)]
+        pub health: Health,
+        #[serde(default)]
+        pub failover: Failover,
+        #[serde(default)]
+        pub log: Log,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Proxy {
+        pub listen: String,
+        pub mode: Mode,
+        pub region: Option<String>,
+        pub max_clients: Option<usize>,
+        #[serde(default, with = "humantime_serde")]
+        pub reply_timeout: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub unavailable_timeout: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub connect_timeout: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub shutdown_timeout: Option<Duration>,
+        pub threads: Option<usize>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub listen: String,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Member {
+        pub id: String,
+        pub address: String,
+        pub region: Option<String>,
+        pub username: Option<String>,
+        pub password: Option<String>,
+        /// A file holding the password (trailing newline stripped), for secrets mounted by
+        /// an orchestrator.
+        pub password_file: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Health {
+        #[serde(default, with = "humantime_serde")]
+        pub interval: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub timeout: Option<Duration>,
+        pub rise: Option<u32>,
+        pub fall: Option<u32>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Failover {
+        pub failback: Option<Failback>,
+        #[serde(default, with = "humantime_serde")]
+        pub failback_after: Option<Duration>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Log {
+        #[serde(default)]
+        pub format: LogFormat,
+    }
+}
+
+/// Turns the file as written into a [`Config`], listing every problem with its key.
+fn validate(raw: raw::File) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut addr = |key: &str, value: &str| match value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(format!(
+                "{key}: \"{value}\" is not an ip:port address (for example \"127.0.0.1:6380\")"
+            ));
+            None
+        }
+    };
+    let listen = addr("proxy.listen", &raw.proxy.listen);
+    let admin_listen = addr("admin.listen", &raw.admin.listen);
+    if listen.is_some() && listen == admin_listen {
+        problems.push("admin.listen: must differ from proxy.listen".into());
+    }
+
+    let positive = |problems: &mut Vec<String>, key: &str, d: Option<Duration>, default| {
+        let d = d.unwrap_or(default);
+        if d.is_zero() {
+            problems.push(format!("{key}: must be greater than zero"));
+        }
+        d
+    };
+    let p = &raw.proxy;
+    let reply_timeout = positive(
+        &mut problems,
+        "proxy.reply_timeout",
+        p.reply_timeout,
+        DEFAULT_REPLY_TIMEOUT,
+    );
+    let unavailable_timeout = positive(
+        &mut problems,
+        "proxy.unavailable_timeout",
+        p.unavailable_timeout,
+        DEFAULT_UNAVAILABLE_TIMEOUT,
+    );
+    let connect_timeout = positive(
+        &mut problems,
+        "proxy.connect_timeout",
+        p.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let shutdown_timeout = positive(
+        &mut problems,
+        "proxy.shutdown_timeout",
+        p.shutdown_timeout,
+        DEFAULT_SHUTDOWN_TIMEOUT,
+    );
+    let max_clients = p.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
+    if max_clients == 0 {
+        problems.push("proxy.max_clients: must be greater than zero".into());
+    }
+    if p.mode != Mode::Colocated {
+        problems.push(format!(
+            "proxy.mode: {:?} mode is not available yet in this version; use \"colocated\"",
+            p.mode
+        ));
+    }
+
+    let h = &raw.health;
+    let interval = positive(
+        &mut problems,
+        "health.interval",
+        h.interval,
+        DEFAULT_CHECK_INTERVAL,
+    );
+    let timeout = positive(
+        &mut problems,
+        "health.timeout",
+        h.timeout,
+        DEFAULT_CHECK_TIMEOUT,
+    );
+    let rise = h.rise.unwrap_or(DEFAULT_RISE_FALL);
+    let fall = h.fall.unwrap_or(DEFAULT_RISE_FALL);
+    for (key, v) in [("health.rise", rise), ("health.fall", fall)] {
+        if v == 0 {
+            problems.push(format!("{key}: must be at least 1"));
+        }
+    }
+
+    if raw.members.is_empty() {
+        problems.push("members: at least one [[members]] entry is required".into());
+    }
+    if raw.members.len() > MAX_MEMBERS {
+        problems.push(format!("members: at most {MAX_MEMBERS} members"));
+    }
+    let mut seen = HashSet::new();
+    let mut members = Vec::with_capacity(raw.members.len());
+    for (i, m) in raw.members.into_iter().enumerate() {
+        let key = format!("members[{i}]");
+        if m.id.is_empty() || !m.id.chars().all(|c| c.is_ascii_graphic()) {
+            problems.push(format!(
+                "{key}.id: \"{}\" must be non-empty printable ASCII without spaces",
+                m.id
+            ));
+        } else if !seen.insert(m.id.clone()) {
+            problems.push(format!("{key}.id: duplicate member id \"{}\"", m.id));
+        }
+        if !valid_host_port(&m.address) {
+            problems.push(format!(
+                "{key}.address: \"{}\" is not host:port (for example \"redis-east.internal:6379\")",
+                m.address
+            ));
+        }
+        let password = match (m.password, m.password_file) {
+            (Some(_), Some(_)) => {
+                problems.push(format!(
+                    "{key}.password_file: set either password or password_file, not both"
+                ));
+                None
+            }
+            (Some(p), None) => Some(Secret(p)),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(s) => Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())),
+                Err(e) => {
+                    problems.push(format!("{key}.password_file: cannot read \"{path}\": {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        members.push(MemberConfig {
+            id: m.id,
+            address: m.address,
+            region: m.region,
+            username: m.username,
+            password,
+        });
+    }
+    if let Some(region) = &p.region {
+        if !members
+            .iter()
+            .any(|m| m.region.as_deref() == Some(region.as_str()))
+        {
+            problems.push(format!("proxy.region: no member is in region \"{region}\""));
+        }
+        // Preference: this proxy's region first, file order otherwise (stable sort).
+        members.sort_by_key(|m| m.region.as_deref() != Some(region.as_str()));
+    }
+
+    let f = &raw.failover;
+    let failback_after = positive(
+        &mut problems,
+        "failover.failback_after",
+        f.failback_after,
+        DEFAULT_FAILBACK_AFTER,
+    );
+
+    let (Some(listen), Some(admin_listen), true) = (listen, admin_listen, problems.is_empty())
+    else {
+        return Err(ConfigError { problems });
+    };
+    Ok(Config {
+        proxy: ProxyConfig {
+            listen,
+            mode: p.mode,
+            region: p.region.clone(),
+            max_clients,
+            reply_timeout,
+            unavailable_timeout,
+            connect_timeout,
+            shutdown_timeout,
+            threads: p.threads.unwrap_or(0),
+        },
+        admin: AdminConfig {
+            listen: admin_listen,
+        },
+        members,
+        health: HealthConfig {
+            interval,
+            timeout,
+            rise,
+            fall,
+        },
+        failover: FailoverConfig {
+            failback: f.failback.unwrap_or(Failback::Auto),
+            failback_after,
+        },
+        log: LogConfig {
+            format: raw.log.format,
+        },
+    })
+}
+
+/// `host:port` with a non-empty host and a port in 1..=65535 (`[v6]:port` allowed).
+fn valid_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = !host.is_empty() && !host.contains(char::is_whitespace);
+    host_ok && matches!(port.parse::<u16>(), Ok(p) if p > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [proxy]
+        listen = "127.0.0.1:6380"
+        mode = "colocated"
+        [admin]
+        listen = "127.0.0.1:9380"
+        [[members]]
+        id = "us-east"
+        address = "127.0.0.1:7001"
+        region = "us-east"
+        [[members]]
+        id = "eu-west"
+        address = "127.0.0.1:7002"
+        region = "eu-west"
+    "#;
+
+    fn problems(text: &str) -> Vec<String> {
+        Config::from_toml(text).unwrap_err().problems
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.members.len(), 2);
+        assert_eq!(c.health.rise, DEFAULT_RISE_FALL);
+        assert_eq!(c.failover.failback, Failback::Auto);
+        assert_eq!(c.failover.failback_after, DEFAULT_FAILBACK_AFTER);
+        assert_eq!(c.proxy.max_clients, DEFAULT_MAX_CLIENTS);
+    }
+
+    #[test]
+    fn region_members_come_first() {
+        let text = MINIMAL.replace(
+            "mode = \"colocated\"",
+            "mode = \"colocated\"\nregion = \"eu-west\"",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let ids: Vec<_> = c.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["eu-west", "us-east"]);
+    }
+
+    #[test]
+    fn every_problem_names_its_key() {
+        let text = r#"
+            [proxy]
+            listen = "nowhere"
+            mode = "colocated"
+            region = "mars"
+            [admin]
+            listen = "127.0.0.1:9380"
+            [health]
+            rise = 0
+            interval = "0s"
+            [[members]]
+            id = "a"
+            address = "127.0.0.1"
+            [[members]]
+            id = "a"
+            address = "127.0.0.1:7002"
+        "#;
+        let p = problems(text).join("\n");
+        for key in [
+            "proxy.listen",
+            "proxy.region",
+            "health.rise",
+            "health.interval",
+            "members[0].address",
+            "members[1].id: duplicate",
+        ] {
+            assert!(p.contains(key), "no problem names {key}:\n{p}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_errors() {
+        let p = problems(&MINIMAL.replace("[admin]", "[admin]\nlistne = 1")).join("\n");
+        assert!(p.contains("listne"), "{p}");
+        let p = problems(&format!("{MINIMAL}\n[failover]\nfailback_after = \"soon\"")).join("\n");
+        assert!(p.contains("failback_after"), "{p}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let text = MINIMAL.replace(
+            "region = \"us-east\"",
+            "region = \"us-east\"\npassword = \"hunter2\"",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.members[0].password.as_ref().unwrap().expose(), "hunter2");
+    }
+}

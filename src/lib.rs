@@ -1,0 +1,184 @@
+//! geoproxy: a failover proxy for Redis Active-Active databases.
+//!
+//! Clients connect to geoproxy as if it were Redis. geoproxy health-checks every *member*
+//! (one copy of the database per region), sends each client's traffic to the preferred
+//! healthy member, fails over when it fails and fails back when it is healthy again, moving
+//! sessions at command boundaries without disconnecting clients. `DESIGN.md` is the map.
+//!
+//! Control path (a few tasks):
+//! - [`health`]: one checker per member; health flips wake the router.
+//! - [`router`]: decides the active member and publishes the [`router::Route`].
+//! - [`admin`]: `/live /ready /metrics /v1/status`.
+//!
+//! Data path (one task per client):
+//! - [`listener`]: accepts clients, enforces `max_clients`.
+//! - [`session`]: one client and its pinned [`upstream`]; forwards RESP found by [`resp`].
+//!
+//! Shared: [`config`] (the file contract), [`member`] (members and their health snapshot),
+//! [`metrics`].
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod health;
+pub mod listener;
+pub mod member;
+pub mod metrics;
+pub mod resp;
+pub mod router;
+pub mod session;
+pub mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+use crate::admin::AdminState;
+use crate::health::Checker;
+use crate::listener::Listener;
+use crate::member::Members;
+use crate::metrics::Metrics;
+use crate::router::{Route, Router};
+use crate::session::Context;
+
+/// A proxy whose ports are bound, ready to [`Server::run`].
+pub struct Server {
+    config: Config,
+    listener: TcpListener,
+    admin: TcpListener,
+    metrics: Metrics,
+}
+
+impl Server {
+    /// Binds the Redis and admin ports of a validated configuration (port 0 picks one).
+    pub async fn bind(config: Config) -> io::Result<Server> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+            })
+        };
+        let listener = bind(config.proxy.listen, "proxy.listen").await?;
+        let admin = bind(config.admin.listen, "admin.listen").await?;
+        let metrics = Metrics::new(prometheus::Registry::new());
+        Ok(Server {
+            config,
+            listener,
+            admin,
+            metrics,
+        })
+    }
+
+    /// Where Redis clients connect.
+    pub fn redis_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown`, then stops accepting, answers `/ready` 503, and lets
+    /// sessions finish their in-flight replies for up to `proxy.shutdown_timeout`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server {
+            config,
+            listener,
+            admin,
+            metrics,
+        } = self;
+        let (members, signals) = Members::new(&config.members, Instant::now());
+        metrics.init_members(members.list.iter().map(|m| m.id()));
+        let (route_tx, route_rx) = watch::channel(Route::default());
+        let control = TaskTracker::new();
+        let stop_control = CancellationToken::new();
+
+        for (idx, signals) in signals.into_iter().enumerate() {
+            let checker = Checker {
+                members: members.clone(),
+                idx,
+                config: config.health.clone(),
+                signals,
+                metrics: metrics.clone(),
+            };
+            control.spawn(checker.run(stop_control.clone()));
+        }
+        let router = Router::new(&config.failover, members.len());
+        control.spawn(router::run(
+            router,
+            members.clone(),
+            route_tx,
+            metrics.clone(),
+            stop_control.clone(),
+        ));
+        let serving = Arc::new(AtomicBool::new(true));
+        let admin_state = Arc::new(AdminState {
+            members: members.clone(),
+            route: route_rx.clone(),
+            metrics: metrics.clone(),
+            serving: serving.clone(),
+            mode: config.proxy.mode,
+            failback: config.failover.failback,
+        });
+        control.spawn(admin::run(admin, admin_state, stop_control.clone()));
+
+        let ctx = Arc::new(Context {
+            members,
+            metrics,
+            reply_timeout: config.proxy.reply_timeout,
+            unavailable_timeout: config.proxy.unavailable_timeout,
+            connect_timeout: config.proxy.connect_timeout,
+        });
+        let sessions = TaskTracker::new();
+        let listener = Listener {
+            listener,
+            ctx,
+            route: route_rx,
+            limit: Arc::new(Semaphore::new(config.proxy.max_clients)),
+            sessions: sessions.clone(),
+        };
+        info!(
+            listen = %config.proxy.listen,
+            admin = %config.admin.listen,
+            members = config.members.len(),
+            "geoproxy serving"
+        );
+        listener.run(shutdown.clone()).await;
+
+        // Shutdown: not ready, no new clients; sessions drain what they owe.
+        serving.store(false, Ordering::Relaxed);
+        sessions.close();
+        let open = sessions.len();
+        if open > 0 {
+            info!(sessions = open, "draining sessions");
+        }
+        if tokio::time::timeout(config.proxy.shutdown_timeout, sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = sessions.len(),
+                "shutdown timeout: closing remaining sessions"
+            );
+        }
+        stop_control.cancel();
+        control.close();
+        control.wait().await;
+        info!("geoproxy stopped");
+    }
+}

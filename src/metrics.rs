@@ -1,0 +1,213 @@
+//! Every metric geoproxy exports, registered on one `prometheus::Registry` passed in
+//! explicitly (each test gets its own). Names and labels are a contract (DESIGN.md); labels
+//! are bounded: member ids and switch reasons, never keys or clients.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Cheap to clone: every field is a handle to shared atomics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    member_up: IntGaugeVec,
+    active_member: IntGaugeVec,
+    switches: IntCounterVec,
+    route_epoch: IntGauge,
+    check_duration: HistogramVec,
+    pub sessions_open: IntGauge,
+    pub sessions_total: IntCounter,
+    pub sessions_moved: IntCounter,
+    pub sessions_rejected: IntCounter,
+    commands: IntCounterVec,
+    inflight_errors: IntCounterVec,
+    pub unavailable_replies: IntCounter,
+    pub protocol_errors: IntCounter,
+    pub move_duration: Histogram,
+}
+
+macro_rules! register {
+    ($registry:expr, $metric:expr) => {{
+        let m = $metric.expect("metric definition is valid");
+        $registry
+            .register(Box::new(m.clone()))
+            .expect("metric names are unique");
+        m
+    }};
+}
+
+impl Metrics {
+    /// Creates every metric on `registry`.
+    pub fn new(registry: Registry) -> Metrics {
+        let r = &registry;
+        let opts = |name: &str, help: &str| Opts::new(name, help);
+        Metrics {
+            member_up: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_member_up",
+                        "1 if the member is healthy, 0 if not."
+                    ),
+                    &["member"]
+                )
+            ),
+            active_member: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_active_member",
+                        "1 for the member sessions are routed to, 0 for the others."
+                    ),
+                    &["member"]
+                )
+            ),
+            switches: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_switches_total",
+                        "Route changes, by from, to and reason."
+                    ),
+                    &["from", "to", "reason"]
+                )
+            ),
+            route_epoch: register!(
+                r,
+                IntGauge::new(
+                    "geoproxy_route_epoch",
+                    "Current route epoch (grows at each switch)."
+                )
+            ),
+            check_duration: register!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "geoproxy_check_duration_seconds",
+                        "Duration of health checks, by member."
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
+                    ]),
+                    &["member"]
+                )
+            ),
+            sessions_open: register!(
+                r,
+                IntGauge::new("geoproxy_sessions_open", "Client sessions open now.")
+            ),
+            sessions_total: register!(
+                r,
+                IntCounter::new("geoproxy_sessions_total", "Client sessions accepted.")
+            ),
+            sessions_moved: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_sessions_moved_total",
+                    "Sessions moved to another member at a quiescent point."
+                )
+            ),
+            sessions_rejected: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_rejected_connections_total",
+                    "Client connections refused because max_clients was reached."
+                )
+            ),
+            commands: register!(
+                r,
+                IntCounterVec::new(
+                    opts("geoproxy_commands_total", "Commands forwarded, by member."),
+                    &["member"]
+                )
+            ),
+            inflight_errors: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_inflight_errors_total",
+                        "Commands answered with an outcome-unknown error because their member \
+                         failed before replying, by member."
+                    ),
+                    &["member"]
+                )
+            ),
+            unavailable_replies: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_unavailable_replies_total",
+                    "Commands answered -UNAVAILABLE because no member was available."
+                )
+            ),
+            protocol_errors: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_protocol_errors_total",
+                    "Sessions closed for malformed RESP from the client or the member."
+                )
+            ),
+            move_duration: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "geoproxy_session_move_duration_seconds",
+                        "Time to open and prepare a session's new upstream."
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
+                    ])
+                )
+            ),
+            registry,
+        }
+    }
+
+    /// Declares the members so every per-member series exists (at 0) from the start.
+    pub fn init_members<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            self.member_up.with_label_values(&[id]).set(0);
+            self.active_member.with_label_values(&[id]).set(0);
+            self.commands.with_label_values(&[id]);
+            self.inflight_errors.with_label_values(&[id]);
+        }
+    }
+
+    pub fn member_up(&self, member: &str, up: bool) {
+        self.member_up.with_label_values(&[member]).set(up.into());
+    }
+
+    pub fn active_member(&self, member: &str, active: bool) {
+        self.active_member
+            .with_label_values(&[member])
+            .set(active.into());
+    }
+
+    pub fn switched(&self, from: &str, to: &str, reason: &str) {
+        self.switches.with_label_values(&[from, to, reason]).inc();
+        self.route_epoch.inc();
+    }
+
+    pub fn check_duration(&self, member: &str, seconds: f64) {
+        self.check_duration
+            .with_label_values(&[member])
+            .observe(seconds);
+    }
+
+    /// The command counter of one member, resolved once per upstream (not per command).
+    pub fn commands(&self, member: &str) -> IntCounter {
+        self.commands.with_label_values(&[member])
+    }
+
+    pub fn inflight_errors(&self, member: &str, n: u64) {
+        self.inflight_errors.with_label_values(&[member]).inc_by(n);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for valid metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,189 @@
+//! The session state a client builds on its connection, which must follow it to a new
+//! upstream: AUTH, HELLO (protocol, SETNAME), SELECT, CLIENT SETNAME.
+//!
+//! A state-changing command updates [`SessionState`] only once the member replied without
+//! an error, so the state replayed is always one a member accepted.
+
+use std::fmt;
+
+use crate::resp::command::Kind;
+use crate::resp::request;
+
+/// Replayable session state. The default is a fresh Redis connection's.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// Arguments of the last successful AUTH (`[user] password`). A secret.
+    pub auth: Option<Vec<Vec<u8>>>,
+    /// RESP protocol version chosen with HELLO (2 unless HELLO 3).
+    pub resp3: bool,
+    /// Database chosen with SELECT, if not 0.
+    pub db: Option<Vec<u8>>,
+    /// Connection name (CLIENT SETNAME, HELLO SETNAME).
+    pub name: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for SessionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionState")
+            .field("auth", &self.auth.as_ref().map(|_| "***"))
+            .field("resp3", &self.resp3)
+            .field("db", &self.db.as_deref().map(String::from_utf8_lossy))
+            .field("name", &self.name.as_deref().map(String::from_utf8_lossy))
+            .finish()
+    }
+}
+
+/// A change to apply once the member has accepted the command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Select(Vec<u8>),
+    Auth(Vec<Vec<u8>>),
+    Hello {
+        resp3: Option<bool>,
+        auth: Option<Vec<Vec<u8>>>,
+        name: Option<Vec<u8>>,
+    },
+    SetName(Vec<u8>),
+    Reset,
+}
+
+impl Change {
+    /// The change a command of `kind` with these arguments (name first) asks for.
+    pub fn of(kind: Kind, args: &[Vec<u8>]) -> Option<Change> {
+        match kind {
+            Kind::Select if args.len() == 2 => Some(Change::Select(args[1].clone())),
+            Kind::Auth if (2..=3).contains(&args.len()) => Some(Change::Auth(args[1..].to_vec())),
+            Kind::Hello => {
+                let (mut resp3, mut auth, mut name) = (None, None, None);
+                let mut rest = args.iter().skip(1);
+                if let Some(v) = rest.next() {
+                    resp3 = Some(v.as_slice() == b"3");
+                }
+                while let Some(opt) = rest.next() {
+                    if opt.eq_ignore_ascii_case(b"AUTH") {
+                        auth = Some(vec![rest.next()?.clone(), rest.next()?.clone()]);
+                    } else if opt.eq_ignore_ascii_case(b"SETNAME") {
+                        name = Some(rest.next()?.clone());
+                    }
+                }
+                Some(Change::Hello { resp3, auth, name })
+            }
+            Kind::Client if args.len() == 3 && args[1].eq_ignore_ascii_case(b"SETNAME") => {
+                Some(Change::SetName(args[2].clone()))
+            }
+            Kind::Reset => Some(Change::Reset),
+            _ => None,
+        }
+    }
+
+    /// Does a command of this kind possibly change replayable state? (Decides whether its
+    /// arguments are worth parsing.)
+    pub fn possible(kind: Kind) -> bool {
+        matches!(
+            kind,
+            Kind::Select | Kind::Auth | Kind::Hello | Kind::Client | Kind::Reset
+        )
+    }
+}
+
+impl SessionState {
+    /// Applies a change the member accepted.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Select(db) => self.db = (db.as_slice() != b"0").then_some(db),
+            Change::Auth(args) => self.auth = Some(args),
+            Change::Hello { resp3, auth, name } => {
+                if let Some(r) = resp3 {
+                    self.resp3 = r;
+                }
+                if auth.is_some() {
+                    self.auth = auth;
+                }
+                if let Some(n) = name {
+                    self.set_name(n);
+                }
+            }
+            Change::SetName(n) => self.set_name(n),
+            Change::Reset => *self = SessionState::default(),
+        }
+    }
+
+    fn set_name(&mut self, name: Vec<u8>) {
+        // `CLIENT SETNAME ""` clears the name.
+        self.name = (!name.is_empty()).then_some(name);
+    }
+
+    /// The commands that rebuild this state on a fresh connection, pipelined; each must get
+    /// a non-error reply.
+    pub fn replay_commands(&self) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut n = 0;
+        let mut push = |args: Vec<Vec<u8>>| {
+            request::encode_command(&args, &mut out);
+            n += 1;
+        };
+        if let Some(auth) = &self.auth {
+            let mut args = vec![b"AUTH".to_vec()];
+            args.extend(auth.iter().cloned());
+            push(args);
+        }
+        if self.resp3 {
+            push(vec![b"HELLO".to_vec(), b"3".to_vec()]);
+        }
+        if let Some(name) = &self.name {
+            push(vec![b"CLIENT".to_vec(), b"SETNAME".to_vec(), name.clone()]);
+        }
+        if let Some(db) = &self.db {
+            push(vec![b"SELECT".to_vec(), db.clone()]);
+        }
+        (out, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::command::classify;
+
+    fn change(cmd: &str) -> Option<Change> {
+        let args: Vec<Vec<u8>> = cmd.split(' ').map(|a| a.as_bytes().to_vec()).collect();
+        Change::of(classify(&args[0]), &args)
+    }
+
+    #[test]
+    fn state_follows_accepted_commands() {
+        let mut s = SessionState::default();
+        for cmd in [
+            "SELECT 3",
+            "AUTH alice pw",
+            "HELLO 3 SETNAME app",
+            "client setname app2",
+        ] {
+            s.apply(change(cmd).unwrap());
+        }
+        assert_eq!(s.db.as_deref(), Some(&b"3"[..]));
+        assert!(s.resp3);
+        assert_eq!(s.name.as_deref(), Some(&b"app2"[..]));
+        assert_eq!(s.auth.as_ref().unwrap().len(), 2);
+        let (bytes, n) = s.replay_commands();
+        assert_eq!(n, 4);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$2\r\npw\r\n"));
+        assert!(text.ends_with("*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"));
+        assert!(!format!("{s:?}").contains("pw"));
+        s.apply(change("RESET").unwrap());
+        assert_eq!(s, SessionState::default());
+        assert_eq!(s.replay_commands().1, 0);
+    }
+
+    #[test]
+    fn commands_that_change_nothing() {
+        assert_eq!(change("GET k"), None);
+        assert_eq!(change("CLIENT LIST"), None);
+        assert_eq!(change("SELECT"), None);
+        assert_eq!(change("HELLO 3 AUTH onlyuser"), None);
+        let mut s = SessionState::default();
+        s.apply(change("SELECT 0").unwrap());
+        assert_eq!(s.db, None);
+    }
+}

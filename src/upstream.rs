@@ -1,0 +1,113 @@
+//! Connections to members: connect (resolving the host name again each time), and replay a
+//! session's state on a fresh connection before it carries the session's commands.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::member::{Member, MemberIdx};
+use crate::resp::reply::first_reply;
+use crate::resp::ProtocolError;
+use crate::session::state::SessionState;
+
+/// Why a connection to a member could not be made ready. Every variant but `Rejected` means
+/// the member (or the way to it) failed; `Rejected` is about this session's own state.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {address}: {source}")]
+    Connect { address: String, source: io::Error },
+    #[error("no answer from {0} within the connect timeout")]
+    Timeout(String),
+    #[error("connection lost during handshake: {0}")]
+    Io(#[from] io::Error),
+    #[error("member sent malformed RESP: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The member refused a command replaying the session state (a password that differs on
+    /// this member, a database it does not have).
+    #[error("member rejected the session state: {0}")]
+    Rejected(String),
+}
+
+impl UpstreamError {
+    /// Does this error say the member cannot serve (a passive health signal)?
+    pub fn is_member_failure(&self) -> bool {
+        !matches!(self, UpstreamError::Rejected(_))
+    }
+}
+
+/// A session's connection to one member.
+#[derive(Debug)]
+pub struct Upstream {
+    pub member: MemberIdx,
+    pub stream: TcpStream,
+}
+
+/// Opens a connection to `member` and replays `state` on it, all within `timeout`.
+pub async fn open(
+    member: &Member,
+    idx: MemberIdx,
+    state: &SessionState,
+    timeout: Duration,
+) -> Result<Upstream, UpstreamError> {
+    let address = &member.config.address;
+    let ready = async {
+        let mut stream = connect(address).await?;
+        let (commands, n) = state.replay_commands();
+        if n > 0 {
+            stream.write_all(&commands).await?;
+            let mut buf = BytesMut::with_capacity(1024);
+            for _ in 0..n {
+                let reply = read_reply(&mut stream, &mut buf).await?;
+                if reply.first() == Some(&b'-') || reply.first() == Some(&b'!') {
+                    return Err(UpstreamError::Rejected(error_line(&reply)));
+                }
+            }
+        }
+        Ok(stream)
+    };
+    match tokio::time::timeout(timeout, ready).await {
+        Ok(Ok(stream)) => Ok(Upstream {
+            member: idx,
+            stream,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(UpstreamError::Timeout(address.clone())),
+    }
+}
+
+/// TCP connect with Nagle off. `address` is `host:port`; the host is resolved now.
+pub async fn connect(address: &str) -> Result<TcpStream, UpstreamError> {
+    let stream = TcpStream::connect(address)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            address: address.to_string(),
+            source,
+        })?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads the next reply frame (pushes skipped) and returns its bytes; bytes after it stay in
+/// `buf`. For short exchanges only: the frame is held whole.
+pub async fn read_reply(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<BytesMut, UpstreamError> {
+    loop {
+        if let Some(reply) = first_reply(buf)? {
+            return Ok(buf.split_to(reply.end));
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+}
+
+/// The first line of an error reply, for logs and messages (without `-` and `\r\n`).
+pub fn error_line(reply: &[u8]) -> String {
+    let line = reply.split(|&b| b == b'\r').next().unwrap_or_default();
+    String::from_utf8_lossy(line.get(1..).unwrap_or_default()).into_owned()
+}

@@ -1,0 +1,4 @@
+//! The `it` integration-test binary: shared fixtures in `support`, one module per area.
+
+mod support;
+mod support_selftest;

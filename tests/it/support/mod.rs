@@ -1,0 +1,42 @@
+//! Shared support for the `it` integration tests: real `redis-server` fixtures
+//! ([`redis_server`]), a fault-injecting TCP relay ([`relay`]) and small
+//! polling/port helpers. Not every test uses every helper, hence the
+//! `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod redis_server;
+pub mod relay;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 20 ms until it returns true; panics with `what` after `timeout`.
+///
+/// The deadline is wall-clock (`std::time`), because the things we wait for are
+/// real processes and sockets. A single `check` that hangs is cut off at the
+/// deadline too, so a hung member cannot stall the test forever.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Ok(true) = tokio::time::timeout(remaining, check()).await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read it, drop).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
