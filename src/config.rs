@@ -305,7 +305,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
     };
     let listen = addr("proxy.listen", &raw.proxy.listen);
     let admin_listen = addr("admin.listen", &raw.admin.listen);
-    if listen.is_some() && listen == admin_listen {
+    if listen.is_some_and(|l| l.port() != 0) && listen == admin_listen {
         problems.push("admin.listen: must differ from proxy.listen".into());
     }
 

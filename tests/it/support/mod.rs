@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+pub mod proxy;
 pub mod relay;
 
 use std::future::Future;

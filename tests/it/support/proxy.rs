@@ -1,0 +1,230 @@
+//! geoproxy in-process for tests: bound on port 0, its own metrics registry, stopped on
+//! drop. Health checks run fast (100 ms) so failovers happen within a test's patience.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use geoproxy::{Config, Server};
+
+/// The knobs tests turn; rendered as a geoproxy TOML file.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub failback: &'static str,
+    pub failback_after: &'static str,
+    pub reply_timeout: &'static str,
+    pub unavailable_timeout: &'static str,
+    pub interval: &'static str,
+    pub max_clients: usize,
+    pub region: Option<&'static str>,
+    /// The password health checks use on every member.
+    pub password: Option<&'static str>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            failback: "auto",
+            failback_after: "1s",
+            reply_timeout: "1s",
+            unavailable_timeout: "500ms",
+            interval: "100ms",
+            max_clients: 1000,
+            region: None,
+            password: None,
+        }
+    }
+}
+
+/// `members` are `(id, address)` in preference order; each id is also its region.
+pub fn config_toml(members: &[(&str, String)], o: &Options) -> String {
+    let mut t = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+mode = "colocated"
+max_clients = {max}
+reply_timeout = "{reply}"
+unavailable_timeout = "{unavail}"
+connect_timeout = "500ms"
+shutdown_timeout = "2s"
+{region}
+[admin]
+listen = "127.0.0.1:0"
+
+[health]
+interval = "{interval}"
+timeout = "200ms"
+rise = 2
+fall = 2
+
+[failover]
+failback = "{failback}"
+failback_after = "{after}"
+"#,
+        max = o.max_clients,
+        reply = o.reply_timeout,
+        unavail = o.unavailable_timeout,
+        region = o.region.map(|r| format!("region = \"{r}\"")).unwrap_or_default(),
+        interval = o.interval,
+        failback = o.failback,
+        after = o.failback_after,
+    );
+    for (id, addr) in members {
+        t.push_str(&format!(
+            "\n[[members]]\nid = \"{id}\"\naddress = \"{addr}\"\nregion = \"{id}\"\n"
+        ));
+        if let Some(p) = o.password {
+            t.push_str(&format!("password = \"{p}\"\n"));
+        }
+    }
+    t
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    http: reqwest::Client,
+}
+
+impl Proxy {
+    /// Starts a proxy in front of `members` and waits until it has a route.
+    pub async fn start(members: &[(&str, String)], options: Options) -> Proxy {
+        let proxy = Proxy::start_unrouted(members, options).await;
+        let p = &proxy;
+        super::eventually(Duration::from_secs(5), "the proxy has an active member", || async move {
+            p.active_member().await.is_some()
+        })
+        .await;
+        proxy
+    }
+
+    /// Starts a proxy without waiting for a route (all members may be down).
+    pub async fn start_unrouted(members: &[(&str, String)], options: Options) -> Proxy {
+        let config = Config::from_toml(&config_toml(members, &options)).expect("valid test config");
+        let server = Server::bind(config).await.expect("bind port 0");
+        let shutdown = CancellationToken::new();
+        let (addr, admin) = (server.redis_addr(), server.admin_addr());
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Proxy {
+            addr,
+            admin,
+            shutdown,
+            task: Some(task),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// A redis-rs connection through the proxy, without the crate's response timeout.
+    pub async fn connect(&self) -> MultiplexedConnection {
+        connect(&self.url()).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin API answers");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let (code, body) = self.get("/v1/status").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    pub async fn active_member(&self) -> Option<String> {
+        self.status().await["active_member"].as_str().map(str::to_string)
+    }
+
+    /// The value of one metric sample line (`name{labels}`), 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Graceful shutdown; waits for the server task.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+pub async fn connect(url: &str) -> MultiplexedConnection {
+    let config = AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(url)
+        .expect("valid url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// A raw TCP client for exact RESP bytes at the edge.
+pub struct Raw(pub TcpStream);
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw(TcpStream::connect(addr).await.expect("connect to proxy"))
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).await.expect("write to proxy");
+    }
+
+    /// Reads until exactly `want` bytes arrived (or 5 s passed) and returns them.
+    pub async fn read_exact_len(&mut self, want: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; want];
+        tokio::time::timeout(Duration::from_secs(5), self.0.read_exact(&mut buf))
+            .await
+            .expect("reply within 5 s")
+            .expect("read from proxy");
+        buf
+    }
+
+    /// Sends `bytes` and expects exactly `reply` back.
+    pub async fn roundtrip(&mut self, bytes: &[u8], reply: &[u8]) {
+        self.send(bytes).await;
+        let got = self.read_exact_len(reply.len()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(reply),
+            "reply to {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+
+    /// Reads whatever arrives until the peer closes (or 5 s).
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.0.read_to_end(&mut out)).await;
+        out
+    }
+}
