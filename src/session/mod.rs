@@ -355,19 +355,24 @@ impl Session {
                     end += frame.len; // Redis skips an empty command without a reply.
                     continue;
                 }
-                let inline_args = frame.inline.then(|| request::args(bytes, true));
-                let name = match &inline_args {
-                    Some(args) => &args[0][..],
-                    None => &bytes[frame.name.clone()],
-                };
-                let kind = classify(name);
-                if self.upstream.is_none() || frame.inline || self.answers_locally(kind) {
+                if frame.inline {
+                    // An inline command goes out as multibulk: rewrite it in place, then
+                    // scan it again. Rare (people typing), so the copy does not matter.
+                    let mut encoded = Vec::new();
+                    request::encode_command(&request::args(bytes, true), &mut encoded);
+                    let rest = self.requests.split_off(end + frame.len);
+                    self.requests.truncate(end);
+                    self.requests.extend_from_slice(&encoded);
+                    self.requests.extend_from_slice(&rest);
+                    continue;
+                }
+                let kind = classify(&bytes[frame.name.clone()]);
+                if self.upstream.is_none() || self.answers_locally(kind) {
                     // This command cannot join the batch: send the batch first.
                     if end == 0 {
                         local = Some(Local {
                             len: frame.len,
                             kind,
-                            inline_args,
                         });
                     }
                     break;
@@ -483,26 +488,6 @@ impl Session {
     async fn handle_local(&mut self, cmd: Local) -> Result<bool, SessionError> {
         if !self.pending.is_empty() {
             return Ok(false); // local answers must follow the replies owed
-        }
-        if let Some(args) = &cmd.inline_args {
-            if self.upstream.is_some() && !self.answers_locally(cmd.kind) {
-                // An inline command goes out as multibulk.
-                let mut encoded = Vec::new();
-                request::encode_command(args, &mut encoded);
-                self.sending(cmd.kind, Some(args));
-                self.requests.advance(cmd.len);
-                if let Some(up) = self.upstream.as_mut() {
-                    self.last_activity = Instant::now();
-                    if let Some(c) = &self.commands {
-                        c.inc();
-                    }
-                    if let Err(e) = up.stream.write_all(&encoded).await {
-                        self.upstream_lost(Signal::ConnectionLost, &e.to_string())
-                            .await?;
-                    }
-                }
-                return Ok(true);
-            }
         }
         let reply: Vec<u8> = if self.broken.is_some() && self.answers_locally(cmd.kind) {
             self.transaction_reply(cmd.kind)
@@ -725,7 +710,6 @@ fn needs_args(kind: Kind) -> bool {
 struct Local {
     len: usize,
     kind: Kind,
-    inline_args: Option<Vec<Vec<u8>>>,
 }
 
 /// The reply to a command when no member is available.

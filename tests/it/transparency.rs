@@ -20,15 +20,27 @@ async fn data_types_scripts_and_streams() {
     let _: () = c.set("s", "v").await.unwrap();
     assert_eq!(c.get::<_, String>("s").await.unwrap(), "v");
     assert_eq!(c.incr::<_, _, i64>("n", 5).await.unwrap(), 5);
-    let _: () = c.hset_multiple("h", &[("a", "1"), ("b", "2")]).await.unwrap();
+    let _: () = c
+        .hset_multiple("h", &[("a", "1"), ("b", "2")])
+        .await
+        .unwrap();
     let h: std::collections::HashMap<String, String> = c.hgetall("h").await.unwrap();
     assert_eq!(h.len(), 2);
     let _: () = c.rpush("l", &["x", "y", "z"]).await.unwrap();
-    assert_eq!(c.lrange::<_, Vec<String>>("l", 0, -1).await.unwrap(), ["x", "y", "z"]);
+    assert_eq!(
+        c.lrange::<_, Vec<String>>("l", 0, -1).await.unwrap(),
+        ["x", "y", "z"]
+    );
     let _: () = c.sadd("set", &["a", "b"]).await.unwrap();
     assert_eq!(c.scard::<_, i64>("set").await.unwrap(), 2);
-    let _: () = c.zadd_multiple("z", &[(1, "one"), (2, "two")]).await.unwrap();
-    assert_eq!(c.zrange::<_, Vec<String>>("z", 0, -1).await.unwrap(), ["one", "two"]);
+    let _: () = c
+        .zadd_multiple("z", &[(1, "one"), (2, "two")])
+        .await
+        .unwrap();
+    assert_eq!(
+        c.zrange::<_, Vec<String>>("z", 0, -1).await.unwrap(),
+        ["one", "two"]
+    );
     let id: String = c.xadd("st", "*", &[("f", "v")]).await.unwrap();
     let len: i64 = c.xlen("st").await.unwrap();
     assert!(id.contains('-') && len == 1);
@@ -40,7 +52,10 @@ async fn data_types_scripts_and_streams() {
     let err = c.lpush::<_, _, ()>("s", "x").await.unwrap_err();
     assert_eq!(err.code(), Some("WRONGTYPE"));
     // And the data really is on the member.
-    assert_eq!(member.query(&["GET", "n"]), Value::BulkString(b"15".to_vec()));
+    assert_eq!(
+        member.query(&["GET", "n"]),
+        Value::BulkString(b"15".to_vec())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,11 +99,19 @@ async fn select_auth_and_hello3() {
     let url = format!("redis://:sesame@{}/3", proxy.addr);
     let mut c = connect(&url).await;
     let _: () = c.set("k", "in db 3").await.unwrap();
-    let in_db3 = ["EVAL", "redis.call('SELECT', 3) return redis.call('GET', 'k')", "0"];
-    assert_eq!(member.query(&in_db3), Value::BulkString(b"in db 3".to_vec()));
+    let in_db3 = [
+        "EVAL",
+        "redis.call('SELECT', 3) return redis.call('GET', 'k')",
+        "0",
+    ];
+    assert_eq!(
+        member.query(&in_db3),
+        Value::BulkString(b"in db 3".to_vec())
+    );
 
     let mut raw = Raw::connect(proxy.addr).await;
-    raw.roundtrip(b"*2\r\n$4\r\nAUTH\r\n$6\r\nsesame\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"*2\r\n$4\r\nAUTH\r\n$6\r\nsesame\r\n", b"+OK\r\n")
+        .await;
     raw.send(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n").await;
     let hello = raw.read_exact_len(1).await;
     assert_eq!(&hello, b"%", "HELLO 3 answers a RESP3 map");
@@ -97,9 +120,12 @@ async fn select_auth_and_hello3() {
     while !rest.ends_with(b"*0\r\n") {
         rest.extend(raw.read_exact_len(1).await);
     }
-    raw.roundtrip(b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n", b"+OK\r\n").await;
-    raw.roundtrip(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"$7\r\nin db 3\r\n").await;
-    raw.roundtrip(b"*2\r\n$3\r\nGET\r\n$7\r\nmissing\r\n", b"_\r\n").await;
+    raw.roundtrip(b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n", b"+OK\r\n")
+        .await;
+    raw.roundtrip(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"$7\r\nin db 3\r\n")
+        .await;
+    raw.roundtrip(b"*2\r\n$3\r\nGET\r\n$7\r\nmissing\r\n", b"_\r\n")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,8 +134,10 @@ async fn inline_commands_and_empty_lines() {
     let proxy = one_member(&member).await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
-    raw.roundtrip(b"\r\nset greeting \"hello world\"\r\n", b"+OK\r\n").await;
-    raw.roundtrip(b"GET greeting\n", b"$11\r\nhello world\r\n").await;
+    raw.roundtrip(b"\r\nset greeting \"hello world\"\r\n", b"+OK\r\n")
+        .await;
+    raw.roundtrip(b"GET greeting\n", b"$11\r\nhello world\r\n")
+        .await;
     // Inline and multibulk mixed in one write keep their order.
     raw.roundtrip(
         b"*1\r\n$4\r\nPING\r\nECHO a\r\n*2\r\n$4\r\nECHO\r\n$1\r\nb\r\n",
@@ -138,7 +166,10 @@ async fn malformed_resp_gets_redis_protocol_error_and_others_are_untouched() {
         String::from_utf8_lossy(&got),
         "-ERR Protocol error: invalid multibulk length\r\n"
     );
-    let pong: String = redis::cmd("PING").query_async(&mut bystander).await.unwrap();
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut bystander)
+        .await
+        .unwrap();
     assert_eq!(pong, "PONG");
     assert!(proxy.metric("geoproxy_protocol_errors_total").await >= 2.0);
 }
@@ -160,9 +191,11 @@ async fn max_clients_is_enforced_as_redis_does() {
     assert_eq!(got, b"-ERR max number of clients reached\r\n");
     drop(a);
     let p = &proxy;
-    crate::support::eventually(Duration::from_secs(5), "the closed session ends", || async move {
-        p.metric("geoproxy_sessions_open").await == 1.0
-    })
+    crate::support::eventually(
+        Duration::from_secs(5),
+        "the closed session ends",
+        || async move { p.metric("geoproxy_sessions_open").await == 1.0 },
+    )
     .await;
     let mut d = Raw::connect(proxy.addr).await;
     d.roundtrip(b"PING\r\n", b"+PONG\r\n").await;

@@ -4,8 +4,8 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
-pub mod redis_server;
 pub mod proxy;
+pub mod redis_server;
 pub mod relay;
 
 use std::future::Future;

@@ -71,7 +71,10 @@ failback_after = "{after}"
         max = o.max_clients,
         reply = o.reply_timeout,
         unavail = o.unavailable_timeout,
-        region = o.region.map(|r| format!("region = \"{r}\"")).unwrap_or_default(),
+        region = o
+            .region
+            .map(|r| format!("region = \"{r}\""))
+            .unwrap_or_default(),
         interval = o.interval,
         failback = o.failback,
         after = o.failback_after,
@@ -100,9 +103,11 @@ impl Proxy {
     pub async fn start(members: &[(&str, String)], options: Options) -> Proxy {
         let proxy = Proxy::start_unrouted(members, options).await;
         let p = &proxy;
-        super::eventually(Duration::from_secs(5), "the proxy has an active member", || async move {
-            p.active_member().await.is_some()
-        })
+        super::eventually(
+            Duration::from_secs(5),
+            "the proxy has an active member",
+            || async move { p.active_member().await.is_some() },
+        )
         .await;
         proxy
     }
@@ -149,7 +154,9 @@ impl Proxy {
     }
 
     pub async fn active_member(&self) -> Option<String> {
-        self.status().await["active_member"].as_str().map(str::to_string)
+        self.status().await["active_member"]
+            .as_str()
+            .map(str::to_string)
     }
 
     /// The value of one metric sample line (`name{labels}`), 0 if absent.

@@ -1,0 +1,277 @@
+//! Switches: failover on a dead or hung member, failback after the grace period, manual
+//! failback, all members down. One long-lived client connection rides through each.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, ErrorKind, RedisError, Value};
+
+use crate::support::eventually;
+use crate::support::proxy::{Options, Proxy, Raw};
+use crate::support::redis_server::RedisServer;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn two(east: &RedisServer, west: &RedisServer) -> Vec<(&'static str, String)> {
+    vec![("us-east", east.addr()), ("eu-west", west.addr())]
+}
+
+/// An error that proves the client connection itself broke (not a reply from the proxy).
+fn is_disconnect(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.kind() == ErrorKind::Io
+}
+
+/// Runs `SET key value` until it succeeds; every failure must be a proxy error reply, never
+/// a broken connection. Returns the error codes seen.
+async fn set_until_ok(c: &mut MultiplexedConnection, key: &str) -> Vec<String> {
+    let mut codes = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match c.set::<_, _, ()>(key, "v").await {
+            Ok(()) => return codes,
+            Err(e) if is_disconnect(&e) => panic!("client connection broke: {e}"),
+            Err(e) => codes.push(e.code().unwrap_or("?").to_string()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no success within {PATIENCE:?}: {codes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_active(proxy: &Proxy, member: &str) {
+    eventually(PATIENCE, &format!("{member} is active"), || async {
+        proxy.active_member().await.as_deref() == Some(member)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_on_sigkill_keeps_the_client_connection() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    assert_eq!(proxy.active_member().await.as_deref(), Some("us-east"));
+    let mut c = proxy.connect().await;
+    let _: () = c.set("before", "1").await.unwrap();
+    assert_eq!(
+        east.query(&["GET", "before"]),
+        Value::BulkString(b"1".to_vec())
+    );
+
+    east.kill();
+    let codes = set_until_ok(&mut c, "after").await;
+    assert!(
+        codes
+            .iter()
+            .all(|c| c == "UNAVAILABLE" || c == "OUTCOMEUNKNOWN"),
+        "only proxy errors while switching: {codes:?}"
+    );
+    assert_eq!(
+        west.query(&["GET", "after"]),
+        Value::BulkString(b"v".to_vec())
+    );
+    assert_eq!(proxy.active_member().await.as_deref(), Some("eu-west"));
+    let reason = "geoproxy_switches_total{from=\"us-east\",reason=\"failover\",to=\"eu-west\"}";
+    assert_eq!(proxy.metric(reason).await, 1.0);
+    assert_eq!(
+        proxy.metric("geoproxy_member_up{member=\"us-east\"}").await,
+        0.0
+    );
+    assert_eq!(
+        proxy
+            .metric("geoproxy_active_member{member=\"eu-west\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_in_flight_get_one_error_each_and_are_not_replayed() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"*3\r\n$3\r\nSET\r\n$1\r\nn\r\n$1\r\n0\r\n", b"+OK\r\n")
+        .await;
+
+    // Hang the member, then pipeline three INCRs: none can be answered.
+    east.stop();
+    raw.send(b"INCR n\r\nINCR n\r\nINCR n\r\n").await;
+    let err = "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (reply timeout); \
+               the command may or may not have run and was not retried\r\n";
+    let got = raw.read_exact_len(3 * err.len()).await;
+    assert_eq!(String::from_utf8_lossy(&got), err.repeat(3));
+
+    // The same connection goes on, on eu-west; nothing was replayed there.
+    raw.roundtrip(b"GET n\r\n", b"$-1\r\n").await;
+    raw.roundtrip(b"INCR n\r\n", b":1\r\n").await;
+    east.cont();
+    assert_eq!(
+        proxy
+            .metric("geoproxy_inflight_errors_total{member=\"us-east\"}")
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_on_sigstop_hung_member() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut c = proxy.connect().await;
+    let _: () = c.set("k", "east").await.unwrap();
+
+    east.stop();
+    let started = Instant::now();
+    let codes = set_until_ok(&mut c, "k").await;
+    assert!(
+        codes
+            .iter()
+            .all(|c| c == "UNAVAILABLE" || c == "OUTCOMEUNKNOWN"),
+        "{codes:?}"
+    );
+    // reply_timeout is 1 s and checks time out after 2 x 200 ms: well under 5 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(west.query(&["GET", "k"]), Value::BulkString(b"v".to_vec()));
+    wait_active(&proxy, "eu-west").await;
+    east.cont();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_waits_for_failback_after() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        failback_after: "2s",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let mut c = proxy.connect().await;
+
+    east.kill();
+    set_until_ok(&mut c, "during").await;
+    wait_active(&proxy, "eu-west").await;
+
+    east.restart();
+    let restarted = Instant::now();
+    eventually(PATIENCE, "us-east is checked up", || async {
+        proxy.status().await["members"][0]["state"] == "up"
+    })
+    .await;
+    assert_eq!(
+        proxy.active_member().await.as_deref(),
+        Some("eu-west"),
+        "no failback before failback_after"
+    );
+    wait_active(&proxy, "us-east").await;
+    assert!(
+        restarted.elapsed() >= Duration::from_secs(2),
+        "failback after {:?}",
+        restarted.elapsed()
+    );
+    // The long-lived connection moved back at a quiescent point, without an error.
+    eventually(PATIENCE, "the session writes on us-east again", || {
+        let mut c = c.clone();
+        let east = &east;
+        async move {
+            let _: () = c.set("back", "1").await.unwrap();
+            east.query(&["EXISTS", "back"]) == Value::Int(1)
+        }
+    })
+    .await;
+    assert!(proxy.metric("geoproxy_sessions_moved_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_failback_stays_on_the_failover_member() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        failback: "manual",
+        failback_after: "500ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    east.kill();
+    wait_active(&proxy, "eu-west").await;
+    east.restart();
+    eventually(PATIENCE, "us-east is checked up", || async {
+        proxy.status().await["members"][0]["state"] == "up"
+    })
+    .await;
+    // Several grace periods later, still on eu-west. (A bounded wait for something that
+    // must NOT happen; the failback test above shows the same setup does fail back in auto.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(proxy.active_member().await.as_deref(), Some("eu-west"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_members_down_fails_fast_and_recovers() {
+    let mut east = RedisServer::start();
+    let mut west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut c = proxy.connect().await;
+    let _: () = c.set("k", "1").await.unwrap();
+    assert_eq!(proxy.get("/ready").await.0, 200);
+
+    east.kill();
+    west.kill();
+    eventually(PATIENCE, "/ready is 503", || async {
+        proxy.get("/ready").await.0 == 503
+    })
+    .await;
+    let (_, body) = proxy.get("/ready").await;
+    assert!(body.contains("\"error_code\":\"no_member\""), "{body}");
+    let started = Instant::now();
+    let err = c.get::<_, String>("k").await.unwrap_err();
+    assert_eq!(err.code(), Some("UNAVAILABLE"), "{err}");
+    // unavailable_timeout is 500 ms: the client is answered, not left hanging.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // A new client gets the same clear error.
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(
+        b"PING\r\n",
+        b"-UNAVAILABLE geoproxy: no member available\r\n",
+    )
+    .await;
+
+    west.restart();
+    set_until_ok(&mut c, "k").await;
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    assert_eq!(proxy.get("/ready").await.0, 200);
+    assert_eq!(proxy.active_member().await.as_deref(), Some("eu-west"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_is_replayed_on_the_new_member() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"SELECT 5\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"CLIENT SETNAME app1\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"SET k east\r\n", b"+OK\r\n").await;
+
+    east.kill();
+    // The next command waits for eu-west and runs there, in db 5, under the same name.
+    raw.roundtrip(b"SET k west\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"CLIENT GETNAME\r\n", b"$4\r\napp1\r\n")
+        .await;
+    let in_db5 = [
+        "EVAL",
+        "redis.call('SELECT', 5) return redis.call('GET', 'k')",
+        "0",
+    ];
+    assert_eq!(west.query(&in_db5), Value::BulkString(b"west".to_vec()));
+}
