@@ -274,7 +274,9 @@ impl Session {
     async fn follow_route(&mut self) {
         let route = *self.route.borrow_and_update();
         let current = self.upstream.as_ref().map(|u| u.member);
-        if route.member == current || !self.quiescent() {
+        // A session with an upstream moves only when quiescent; one without has nothing
+        // to keep.
+        if route.member == current || (current.is_some() && !self.quiescent()) {
             return;
         }
         let Some(target) = route.member else {
@@ -616,7 +618,8 @@ impl Session {
         if self.quitting {
             return Ok(()); // the member closed after QUIT, or died then: either way, done
         }
-        if self.pending.is_empty() && !self.passthrough && signal == Signal::ConnectionLost {
+        let idle = self.pending.is_empty() && !self.multi && !self.watching && !self.passthrough;
+        if idle && signal == Signal::ConnectionLost {
             // Nothing was owed: an idle connection closed (the member's `timeout`, CLIENT
             // KILL). Reconnect quietly; a dead member shows on that connect.
             debug!(member = %id, why, "idle upstream closed");

@@ -1,7 +1,9 @@
 //! The `it` integration-test binary: real `redis-server` members, geoproxy in-process, a
 //! real client (redis-rs) or raw RESP bytes at the edge. Shared fixtures in `support`.
 
+mod binary;
 mod failover;
+mod sessions;
 mod support;
 mod support_selftest;
 mod transparency;

@@ -94,6 +94,18 @@ impl RedisServer {
         }
     }
 
+    /// One field of `INFO section` (`info_field("clients", "blocked_clients")`).
+    pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        let text = match self.query(&["INFO", section]) {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("INFO answered {other:?}"),
+        };
+        let prefix = format!("{field}:");
+        text.lines()
+            .find_map(|l| Some(l.strip_prefix(&prefix)?.trim().to_string()))
+    }
+
     /// Runs one command on a fresh connection straight to this server
     /// (AUTHs first if started with `--requirepass`). Panics on any error.
     pub fn query(&self, args: &[&str]) -> redis::Value {

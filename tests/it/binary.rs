@@ -1,0 +1,203 @@
+//! The `geoproxy` binary: configuration errors, `--check`, environment overrides, and a
+//! graceful shutdown on SIGTERM.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::eventually;
+use crate::support::free_port;
+use crate::support::proxy::{config_toml, Options, Raw};
+use crate::support::redis_server::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_geoproxy");
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(text.as_bytes()).expect("write config");
+    f
+}
+
+/// Runs `geoproxy --config FILE --check`; returns (exit code, stderr).
+fn check(text: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let file = write_config(text);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .arg("--check")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run geoproxy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn valid() -> String {
+    config_toml(
+        &[
+            ("us-east", "127.0.0.1:7001".into()),
+            ("eu-west", "127.0.0.1:7002".into()),
+        ],
+        &Options::default(),
+    )
+}
+
+#[test]
+fn a_valid_file_passes_check() {
+    assert_eq!(check(&valid(), &[]), (0, String::new()));
+}
+
+#[test]
+fn each_config_error_names_its_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("unknown key", "[proxy]\n", "[proxy]\nlisten_port = 1\n"),
+        ("duplicate id", "id = \"eu-west\"", "id = \"us-east\""),
+        (
+            "bad address",
+            "address = \"127.0.0.1:7002\"",
+            "address = \"127.0.0.1\"",
+        ),
+        ("zero rise", "rise = 2", "rise = 0"),
+        ("zero fall", "fall = 2", "fall = 0"),
+        (
+            "bad duration",
+            "interval = \"100ms\"",
+            "interval = \"often\"",
+        ),
+        (
+            "zero duration",
+            "failback_after = \"1s\"",
+            "failback_after = \"0s\"",
+        ),
+        (
+            "bad listen",
+            "listen = \"127.0.0.1:0\"\nmode",
+            "listen = \"localhost\"\nmode",
+        ),
+        ("bad mode", "mode = \"colocated\"", "mode = \"sideways\""),
+        (
+            "bad failback",
+            "failback = \"auto\"",
+            "failback = \"sometimes\"",
+        ),
+    ];
+    let want_key = [
+        "listen_port",
+        "members[1].id",
+        "members[1].address",
+        "health.rise",
+        "health.fall",
+        "interval",
+        "failover.failback_after",
+        "proxy.listen",
+        "mode",
+        "failback",
+    ];
+    for ((what, from, to), key) in cases.iter().zip(want_key) {
+        let text = valid().replacen(from, to, 1);
+        assert_ne!(text, valid(), "{what}: the edit applies");
+        let (code, err) = check(&text, &[]);
+        assert_eq!(code, 2, "{what}: exit code, stderr: {err}");
+        assert!(err.contains(key), "{what}: message names {key}: {err}");
+    }
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/geoproxy.toml", "--check"])
+        .output()
+        .expect("run geoproxy");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/geoproxy.toml"));
+}
+
+#[test]
+fn environment_overrides_keys() {
+    let (code, err) = check(&valid(), &[("GEOPROXY__HEALTH__RISE", "0")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("health.rise"), "{err}");
+    let (code, _) = check(&valid(), &[("GEOPROXY__FAILOVER__FAILBACK_AFTER", "45s")]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_port_in_use_fails_before_serving() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = valid().replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+    let file = write_config(&text);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .output()
+        .expect("run geoproxy");
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("proxy.listen") && err.contains(&port.to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_replies_and_exits_zero() {
+    let member = RedisServer::start();
+    let (port, admin) = (free_port(), free_port());
+    let text = config_toml(&[("local", member.addr())], &Options::default())
+        .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
+        .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
+    let file = write_config(&text);
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start geoproxy");
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "geoproxy answers PING",
+        || async move {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let mut raw = Raw(s);
+                    raw.send(b"PING\r\n").await;
+                    raw.read_exact_len(7).await == b"+PONG\r\n"
+                }
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+
+    // A blocking command is in flight when SIGTERM arrives; its reply still comes.
+    let mut raw = Raw::connect(addr).await;
+    raw.send(b"BLPOP q 1\r\n").await;
+    let member = &member;
+    eventually(
+        Duration::from_secs(5),
+        "BLPOP is blocked on the member",
+        || async move { member.info_field("clients", "blocked_clients").as_deref() == Some("1") },
+    )
+    .await;
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let reply = raw.read_to_close().await;
+    assert_eq!(
+        reply, b"*-1\r\n",
+        "BLPOP timed out normally, then the session closed"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+}

@@ -1,0 +1,164 @@
+//! Session rules that decide when and how a session moves: blocking commands, transactions,
+//! WATCH, subscriptions, and the proxy's own answers when a member fails mid-transaction.
+
+use std::time::Duration;
+
+use redis::Value;
+
+use crate::support::eventually;
+use crate::support::proxy::{Options, Proxy, Raw};
+use crate::support::redis_server::RedisServer;
+
+fn two(east: &RedisServer, west: &RedisServer) -> Vec<(&'static str, String)> {
+    vec![("us-east", east.addr()), ("eu-west", west.addr())]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_commands_are_exempt_from_reply_timeout() {
+    let member = RedisServer::start();
+    let options = Options {
+        reply_timeout: "300ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    // BLPOP for 1 s: longer than reply_timeout, and the member is healthy.
+    raw.roundtrip(b"BLPOP q 1\r\n", b"*-1\r\n").await;
+    // Pushed while blocked: the reply comes through.
+    raw.send(b"BLPOP q 0\r\n").await;
+    eventually(
+        Duration::from_secs(5),
+        "BLPOP blocks on the member",
+        || async { member.info_field("clients", "blocked_clients").as_deref() == Some("1") },
+    )
+    .await;
+    member.query(&["RPUSH", "q", "job"]);
+    let want = b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n";
+    assert_eq!(raw.read_exact_len(want.len()).await, want);
+    assert_eq!(
+        proxy
+            .metric("geoproxy_inflight_errors_total{member=\"local\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_exec_through_the_proxy() {
+    let member = RedisServer::start();
+    let proxy = Proxy::start(&[("local", member.addr())], Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"INCR a\r\n", b"+QUEUED\r\n").await;
+    raw.roundtrip(b"INCR a\r\n", b"+QUEUED\r\n").await;
+    raw.roundtrip(b"EXEC\r\n", b"*2\r\n:1\r\n:2\r\n").await;
+    // EXECABORT from the member itself passes through.
+    raw.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
+    raw.send(b"NOSUCHCOMMAND\r\n").await;
+    let e = raw.read_exact_len(4).await;
+    assert_eq!(&e, b"-ERR");
+    let mut line = Vec::new();
+    while !line.ends_with(b"\r\n") {
+        line.extend(raw.read_exact_len(1).await);
+    }
+    raw.roundtrip(
+        b"EXEC\r\n",
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_failing_inside_multi_aborts_the_transaction() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"INCR t\r\n", b"+QUEUED\r\n").await;
+    east.kill();
+    eventually(Duration::from_secs(10), "failover", || async {
+        proxy.active_member().await.as_deref() == Some("eu-west")
+    })
+    .await;
+    // The queued INCR died with us-east: more commands are refused, EXEC fails.
+    raw.roundtrip(
+        b"INCR t\r\n",
+        b"-ERR geoproxy: transaction discarded because member us-east failed; EXEC will fail\r\n",
+    )
+    .await;
+    raw.roundtrip(
+        b"EXEC\r\n",
+        b"-EXECABORT Transaction discarded because member us-east failed (geoproxy)\r\n",
+    )
+    .await;
+    // Then the session carries on, on eu-west, where nothing ran.
+    raw.roundtrip(b"GET t\r\n", b"$-1\r\n").await;
+    assert_eq!(west.query(&["EXISTS", "t"]), Value::Int(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_watch_aborts_exec_like_a_changed_key() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"WATCH w\r\n", b"+OK\r\n").await;
+    east.kill();
+    eventually(Duration::from_secs(10), "failover", || async {
+        proxy.active_member().await.as_deref() == Some("eu-west")
+    })
+    .await;
+    // Reads between WATCH and MULTI still work (on eu-west)...
+    raw.roundtrip(b"GET w\r\n", b"$-1\r\n").await;
+    // ...but the transaction must not run unguarded: EXEC answers null, as Redis does when
+    // a watched key changed.
+    raw.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"SET w 1\r\n", b"+QUEUED\r\n").await;
+    raw.roundtrip(b"EXEC\r\n", b"*-1\r\n").await;
+    assert_eq!(west.query(&["EXISTS", "w"]), Value::Int(0));
+    // A fresh transaction works normally again.
+    raw.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
+    raw.roundtrip(b"SET w 2\r\n", b"+QUEUED\r\n").await;
+    raw.roundtrip(b"EXEC\r\n", b"*1\r\n+OK\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_and_subscriptions_do_not_move_on_failback() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        failback_after: "300ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    east.kill();
+    eventually(Duration::from_secs(10), "failover", || async {
+        proxy.active_member().await.as_deref() == Some("eu-west")
+    })
+    .await;
+    let mut txn = Raw::connect(proxy.addr).await;
+    txn.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
+    txn.roundtrip(b"SET x 1\r\n", b"+QUEUED\r\n").await;
+    let mut sub = Raw::connect(proxy.addr).await;
+    sub.roundtrip(
+        b"SUBSCRIBE news\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n",
+    )
+    .await;
+
+    east.restart();
+    eventually(Duration::from_secs(10), "failback", || async {
+        proxy.active_member().await.as_deref() == Some("us-east")
+    })
+    .await;
+    // The transaction finishes where it started, then the session follows the route.
+    txn.roundtrip(b"EXEC\r\n", b"*1\r\n+OK\r\n").await;
+    assert_eq!(west.query(&["GET", "x"]), Value::BulkString(b"1".to_vec()));
+    txn.roundtrip(b"SET y 1\r\n", b"+OK\r\n").await;
+    assert_eq!(east.query(&["GET", "y"]), Value::BulkString(b"1".to_vec()));
+    // The subscriber stays on eu-west, where its subscription lives.
+    west.query(&["PUBLISH", "news", "hello"]);
+    let msg = b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n";
+    assert_eq!(sub.read_exact_len(msg.len()).await, msg);
+}
