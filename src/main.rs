@@ -1,5 +1,6 @@
 //! The `geoproxy` command: `geoproxy --config FILE [--check]`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -39,17 +40,27 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let filter = EnvFilter::try_from_env("GEOPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: not in files, journald or `docker logs`.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     if args.log_json || config.log.format == LogFormat::Json {
         subscriber.json().init();
     } else {
         subscriber.init();
     }
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.proxy.threads > 0 {
-        runtime.worker_threads(config.proxy.threads);
-    }
+    // One thread: a current-thread runtime (no cross-thread wake-ups); otherwise a
+    // multi-thread runtime with that many workers (0 = one per core).
+    let mut runtime = match config.proxy.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

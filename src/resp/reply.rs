@@ -30,6 +30,8 @@ pub struct Reply {
     pub kind: u8,
     /// Offset just past the frame's last byte, in the slice passed to [`ReplyScanner::scan`].
     pub end: usize,
+    /// A null (`$-1`, `*-1`, `_`): for EXEC, a transaction that did not run.
+    pub null: bool,
 }
 
 impl Reply {
@@ -68,6 +70,8 @@ pub struct ReplyScanner {
     top: u8,
     /// A top-level frame has started and not ended.
     in_frame: bool,
+    /// The top-level frame in progress is a null.
+    null: bool,
 }
 
 impl ReplyScanner {
@@ -100,11 +104,12 @@ impl ReplyScanner {
                     Ok(pos)
                 };
             };
+            let header = &buf[pos + 1..cr];
             if !self.in_frame {
                 self.in_frame = true;
                 self.top = kind;
+                self.null = kind == b'_' || matches!(kind, b'$' | b'*') && header == b"-1";
             }
-            let header = &buf[pos + 1..cr];
             pos = next;
             match kind {
                 b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
@@ -160,6 +165,7 @@ impl ReplyScanner {
         on_reply(Reply {
             kind: self.top,
             end,
+            null: self.null,
         });
     }
 }
@@ -192,6 +198,17 @@ mod tests {
         // An attribute nested inside an aggregate is not one of its elements.
         let (k, _) = kinds(b"*1\r\n|1\r\n+k\r\n+v\r\n:5\r\n");
         assert_eq!(k, b"*");
+    }
+
+    #[test]
+    fn nulls() {
+        let mut s = ReplyScanner::default();
+        let mut nulls = Vec::new();
+        s.scan(b"*-1\r\n$-1\r\n_\r\n:-1\r\n*0\r\n-ERR\r\n", |r| {
+            nulls.push(r.null)
+        })
+        .unwrap();
+        assert_eq!(nulls, [true, true, true, false, false, false]);
     }
 
     #[test]

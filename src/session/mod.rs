@@ -112,6 +112,8 @@ pub struct Session {
     multi: bool,
     /// Keys WATCHed (outside MULTI).
     watching: bool,
+    /// Session-state changes queued inside MULTI.
+    queued: Vec<Change>,
     broken: Option<Broken>,
     /// Subscribed or in MONITOR: the member sends without being asked, replies are no
     /// longer counted, and the session stays on its member until it fails.
@@ -133,7 +135,10 @@ pub struct Session {
     blocked_until: Option<Instant>,
     blocked_forever: bool,
     timer: Pin<Box<Sleep>>,
+    /// Where `timer` is set; `None` once it fired.
     timer_at: Option<Instant>,
+    /// The session has a deadline, so the timer branch is polled.
+    timer_enabled: bool,
 }
 
 impl Session {
@@ -153,6 +158,7 @@ impl Session {
             reply_scanner: ReplyScanner::default(),
             multi: false,
             watching: false,
+            queued: Vec::new(),
             broken: None,
             passthrough: false,
             quitting: false,
@@ -165,6 +171,7 @@ impl Session {
             blocked_forever: false,
             timer: Box::pin(sleep_until(now)),
             timer_at: None,
+            timer_enabled: false,
         }
     }
 
@@ -236,6 +243,7 @@ impl Session {
             route,
             timer,
             timer_at,
+            timer_enabled,
             ..
         } = self;
         if read_client && requests.capacity() - requests.len() < 1024 {
@@ -244,15 +252,18 @@ impl Session {
         if upstream.is_some() && replies.capacity() - replies.len() < 4096 {
             replies.reserve(REPLY_READ_SIZE);
         }
+        // Biased: the data path is polled first, and when it is ready the control futures
+        // (shared wake-up lists, each behind a lock) are not polled at all.
         tokio::select! {
-            r = client.read_buf(requests), if read_client => Event::ClientRead(r),
+            biased;
             r = read_upstream(upstream.as_mut(), replies) => Event::UpstreamRead(r),
+            r = client.read_buf(requests), if read_client => Event::ClientRead(r),
             r = route.changed() => match r {
                 Ok(()) => Event::RouteChanged,
                 // The router is gone: only at shutdown.
                 Err(_) => Event::Shutdown,
             },
-            _ = timer.as_mut(), if timer_at.is_some() => {
+            _ = timer.as_mut(), if *timer_enabled => {
                 *timer_at = None;
                 Event::Timer
             }
@@ -432,8 +443,15 @@ impl Session {
         };
         match kind {
             Kind::Plain => {}
-            Kind::Multi => self.multi = true,
+            Kind::Multi => {
+                self.multi = true;
+                self.queued.clear();
+            }
             Kind::Exec | Kind::Discard => {
+                if kind == Kind::Exec && !self.queued.is_empty() {
+                    pending.change = Some(Change::Many(std::mem::take(&mut self.queued)));
+                }
+                self.queued.clear();
                 self.multi = false;
                 self.watching = false;
             }
@@ -457,13 +475,20 @@ impl Session {
             }
             Kind::Quit => self.quitting = true,
             Kind::Reset => {
+                self.queued.clear();
                 self.multi = false;
                 self.watching = false;
                 self.broken = None;
                 pending.change = Some(Change::Reset);
             }
-            k if Change::possible(k) && !self.multi => {
-                pending.change = Change::of(k, args);
+            k if Change::possible(k) => {
+                let change = Change::of(k, args);
+                if self.multi {
+                    // Takes effect only if EXEC runs the transaction.
+                    self.queued.extend(change);
+                } else {
+                    pending.change = change;
+                }
             }
             _ => {}
         }
@@ -581,7 +606,7 @@ impl Session {
                 }
                 match pending.pop_front() {
                     Some(p) => {
-                        if let (Some(change), false) = (p.change, reply.is_error()) {
+                        if let (Some(change), false) = (p.change, reply.is_error() || reply.null) {
                             state.apply(change);
                         }
                     }
@@ -678,14 +703,18 @@ impl Session {
         self.stalled.then_some(since + self.ctx.unavailable_timeout)
     }
 
+    /// Enables the timer when the session has a deadline. The timer is reset only when it
+    /// would fire too late: an early firing just re-arms it, which keeps timer updates off
+    /// the per-command path (a busy session resets it about once per `reply_timeout`).
     fn arm_timer(&mut self) {
-        match (self.deadline(), self.timer_at) {
-            (None, _) => self.timer_at = None,
-            (Some(want), Some(at)) if at <= want => {} // fires early at worst, then re-arms
-            (Some(want), _) => {
-                self.timer.as_mut().reset(want);
-                self.timer_at = Some(want);
-            }
+        let Some(want) = self.deadline() else {
+            self.timer_enabled = false;
+            return;
+        };
+        self.timer_enabled = true;
+        if self.timer_at.is_none_or(|at| at > want) {
+            self.timer.as_mut().reset(want);
+            self.timer_at = Some(want);
         }
     }
 

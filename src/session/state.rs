@@ -45,6 +45,8 @@ pub enum Change {
     },
     SetName(Vec<u8>),
     Reset,
+    /// The changes queued inside MULTI, applied when EXEC ran the transaction.
+    Many(Vec<Change>),
 }
 
 impl Change {
@@ -105,6 +107,7 @@ impl SessionState {
             }
             Change::SetName(n) => self.set_name(n),
             Change::Reset => *self = SessionState::default(),
+            Change::Many(changes) => changes.into_iter().for_each(|c| self.apply(c)),
         }
     }
 

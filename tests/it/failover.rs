@@ -275,3 +275,38 @@ async fn session_state_is_replayed_on_the_new_member() {
     ];
     assert_eq!(west.query(&in_db5), Value::BulkString(b"west".to_vec()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changed_inside_multi_is_replayed_only_if_exec_ran() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(
+        b"MULTI\r\nSELECT 4\r\nEXEC\r\n",
+        b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n",
+    )
+    .await;
+    // A WATCHed transaction that does not run changes nothing.
+    raw.roundtrip(b"WATCH w\r\n", b"+OK\r\n").await;
+    east.query(&["SELECT", "4"]); // (a separate connection: does not touch w in db 4)
+    east.query(&[
+        "EVAL",
+        "redis.call('SELECT', 4) redis.call('SET', 'w', 1)",
+        "0",
+    ]);
+    raw.roundtrip(
+        b"MULTI\r\nSELECT 6\r\nEXEC\r\n",
+        b"+OK\r\n+QUEUED\r\n*-1\r\n",
+    )
+    .await;
+
+    east.kill();
+    raw.roundtrip(b"SET k west\r\n", b"+OK\r\n").await;
+    let in_db4 = [
+        "EVAL",
+        "redis.call('SELECT', 4) return redis.call('GET', 'k')",
+        "0",
+    ];
+    assert_eq!(west.query(&in_db4), Value::BulkString(b"west".to_vec()));
+}
