@@ -99,6 +99,8 @@ pub struct Session {
     ctx: Arc<Context>,
     client: TcpStream,
     route: watch::Receiver<Route>,
+    /// The route as last read from `route`.
+    route_seen: Route,
     upstream: Option<Upstream>,
     /// Command counter of the current upstream's member.
     commands: Option<IntCounter>,
@@ -144,10 +146,13 @@ pub struct Session {
 impl Session {
     pub fn new(ctx: Arc<Context>, client: TcpStream, route: watch::Receiver<Route>) -> Session {
         let now = Instant::now();
+        let mut route = route;
+        let route_seen = *route.borrow_and_update();
         Session {
             ctx,
             client,
             route,
+            route_seen,
             upstream: None,
             commands: None,
             state: SessionState::default(),
@@ -222,7 +227,8 @@ impl Session {
                     self.upstream_lost(Signal::ConnectionLost, &e.to_string())
                         .await?
                 }
-                Event::RouteChanged => {}
+                // `changed()` marked the new route seen: read it now.
+                Event::RouteChanged => self.route_seen = *self.route.borrow_and_update(),
                 Event::Timer => self.on_timer().await?,
                 Event::Shutdown => draining = true,
             }
@@ -283,7 +289,11 @@ impl Session {
 
     /// Moves to the route's member if the session can move now.
     async fn follow_route(&mut self) {
-        let route = *self.route.borrow_and_update();
+        // Only an atomic load when the route did not change (the common case).
+        if self.route.has_changed().unwrap_or(false) {
+            self.route_seen = *self.route.borrow_and_update();
+        }
+        let route = self.route_seen;
         let current = self.upstream.as_ref().map(|u| u.member);
         // A session with an upstream moves only when quiescent; one without has nothing
         // to keep.
@@ -470,8 +480,10 @@ impl Session {
                 }
             }
             Kind::Subscribe | Kind::Monitor if !self.multi => {
-                // Replies are no longer counted from here on.
+                // Replies are no longer counted from here on (nor timed: a subscriber may
+                // wait for messages forever).
                 self.passthrough = true;
+                self.pending.clear();
             }
             Kind::Quit => self.quitting = true,
             Kind::Reset => {
@@ -678,7 +690,7 @@ impl Session {
         self.watching = false;
         self.replies.clear();
         self.reply_scanner = ReplyScanner::default();
-        self.failed = Some((lost.member, self.route.borrow().epoch));
+        self.failed = Some((lost.member, self.route_seen.epoch));
         self.detached_since = Some(Instant::now());
         self.client
             .write_all(&out)
@@ -690,7 +702,7 @@ impl Session {
     /// for `-UNAVAILABLE`.
     fn deadline(&self) -> Option<Instant> {
         if self.upstream.is_some() {
-            if self.pending.is_empty() || self.blocked_forever {
+            if self.pending.is_empty() || self.blocked_forever || self.passthrough {
                 return None;
             }
             let since = match self.blocked_until {

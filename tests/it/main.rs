@@ -3,6 +3,7 @@
 
 mod binary;
 mod failover;
+mod network;
 mod sessions;
 mod support;
 mod support_selftest;

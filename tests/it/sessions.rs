@@ -162,3 +162,30 @@ async fn transactions_and_subscriptions_do_not_move_on_failback() {
     let msg = b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n";
     assert_eq!(sub.read_exact_len(msg.len()).await, msg);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_is_not_timed_out_while_waiting_for_messages() {
+    let member = RedisServer::start();
+    let options = Options {
+        reply_timeout: "300ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let mut sub = Raw::connect(proxy.addr).await;
+    // A command and SUBSCRIBE in one write: the PING reply is still owed when the session
+    // stops counting replies.
+    sub.roundtrip(
+        b"PING\r\nSUBSCRIBE ch\r\n",
+        b"+PONG\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    )
+    .await;
+    // Quiet for several reply timeouts (a bounded wait for something that must not happen).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    member.query(&["PUBLISH", "ch", "late"]);
+    let msg = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$4\r\nlate\r\n";
+    assert_eq!(sub.read_exact_len(msg.len()).await, msg);
+    assert_eq!(
+        proxy.metric("geoproxy_member_up{member=\"local\"}").await,
+        1.0
+    );
+}
