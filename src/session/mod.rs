@@ -75,6 +75,33 @@ enum Broken {
     Watch { queuing: bool },
 }
 
+/// What `CLIENT REPLY` set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    /// The next command gets no reply.
+    Skip,
+}
+
+/// The mode a `CLIENT REPLY ON|OFF|SKIP` command asks for (arguments, name first).
+fn client_reply(args: &[Vec<u8>]) -> Option<ReplyMode> {
+    let [_, sub, mode] = args else {
+        return None;
+    };
+    if !sub.eq_ignore_ascii_case(b"REPLY") {
+        return None;
+    }
+    let modes: [(&[u8], ReplyMode); 3] = [
+        (b"ON", ReplyMode::On),
+        (b"OFF", ReplyMode::Off),
+        (b"SKIP", ReplyMode::Skip),
+    ];
+    modes
+        .into_iter()
+        .find_map(|(name, m)| mode.eq_ignore_ascii_case(name).then_some(m))
+}
+
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -116,6 +143,8 @@ pub struct Session {
     watching: bool,
     /// Session-state changes queued inside MULTI.
     queued: Vec<Change>,
+    /// CLIENT REPLY mode: whether the member answers.
+    reply_mode: ReplyMode,
     broken: Option<Broken>,
     /// Subscribed or in MONITOR: the member sends without being asked, replies are no
     /// longer counted, and the session stays on its member until it fails.
@@ -164,6 +193,7 @@ impl Session {
             multi: false,
             watching: false,
             queued: Vec::new(),
+            reply_mode: ReplyMode::On,
             broken: None,
             passthrough: false,
             quitting: false,
@@ -427,7 +457,12 @@ impl Session {
         let Some(upstream) = self.upstream.as_mut() else {
             return Ok(());
         };
-        let result = upstream.stream.write_all(&self.requests[..end]).await;
+        let result = write_to_member(
+            &mut upstream.stream,
+            &self.requests[..end],
+            self.ctx.reply_timeout,
+        )
+        .await;
         self.requests.advance(end);
         if let Some(c) = &self.commands {
             c.inc_by(n);
@@ -435,10 +470,9 @@ impl Session {
         if was_idle {
             self.last_activity = Instant::now();
         }
-        if let Err(e) = result {
+        if let Err((signal, why)) = result {
             // Part of the batch may have reached the member: all of it is in flight.
-            self.upstream_lost(Signal::ConnectionLost, &e.to_string())
-                .await?;
+            self.upstream_lost(signal, &why).await?;
         }
         Ok(())
     }
@@ -451,6 +485,25 @@ impl Session {
             change: None,
             block: None,
         };
+        // CLIENT REPLY OFF/SKIP: the member will not answer, so no reply is owed.
+        let mut owed = match self.reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::Skip => {
+                self.reply_mode = ReplyMode::On;
+                false
+            }
+        };
+        if kind == Kind::Client {
+            if let Some(mode) = client_reply(args) {
+                // ON is answered `+OK` even after OFF; OFF and SKIP are never answered.
+                owed = mode == ReplyMode::On;
+                if !(mode == ReplyMode::Skip && self.reply_mode == ReplyMode::Off) {
+                    self.reply_mode = mode;
+                }
+                self.state.reply_off = self.reply_mode == ReplyMode::Off;
+            }
+        }
         match kind {
             Kind::Plain => {}
             Kind::Multi => {
@@ -488,6 +541,7 @@ impl Session {
             Kind::Quit => self.quitting = true,
             Kind::Reset => {
                 self.queued.clear();
+                self.reply_mode = ReplyMode::On;
                 self.multi = false;
                 self.watching = false;
                 self.broken = None;
@@ -504,8 +558,14 @@ impl Session {
             }
             _ => {}
         }
-        if !self.passthrough {
+        if self.passthrough {
+            return;
+        }
+        if owed {
             self.pending.push_back(pending);
+        } else if let Some(change) = pending.change {
+            // No reply will confirm it: take the member's acceptance for granted.
+            self.state.apply(change);
         }
     }
 
@@ -601,7 +661,6 @@ impl Session {
 
     /// Streams the member's bytes to the client, settling each complete reply.
     async fn forward_replies(&mut self) -> Result<(), SessionError> {
-        self.last_activity = Instant::now();
         let Session {
             reply_scanner,
             replies,
@@ -638,6 +697,8 @@ impl Session {
         let result = self.client.write_all(&self.replies[..consumed]).await;
         self.replies.advance(consumed);
         result.map_err(SessionError::Client)?;
+        // A slow client is not a slow member: the wait for the next reply starts now.
+        self.last_activity = Instant::now();
         if self.quitting && self.pending.is_empty() {
             self.upstream = None; // QUIT answered: the member closes, so do we
         }
@@ -758,6 +819,32 @@ struct Local {
 
 /// The reply to a command when no member is available.
 const UNAVAILABLE: &[u8] = b"-UNAVAILABLE geoproxy: no member available\r\n";
+
+/// Writes all of `buf` to a member, which must take it within `limit`: a member that stops
+/// reading is hung, like one that stops answering.
+async fn write_to_member(
+    stream: &mut TcpStream,
+    buf: &[u8],
+    limit: Duration,
+) -> Result<(), (Signal, String)> {
+    // Fast path: the socket takes the whole batch at once, and no timer is needed.
+    let written = match stream.try_write(buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err((Signal::ConnectionLost, e.to_string())),
+    };
+    if written == buf.len() {
+        return Ok(());
+    }
+    match tokio::time::timeout(limit, stream.write_all(&buf[written..])).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err((Signal::ConnectionLost, e.to_string())),
+        Err(_) => Err((
+            Signal::ReplyTimeout,
+            format!("member took no data for {limit:?}"),
+        )),
+    }
+}
 
 async fn read_upstream(upstream: Option<&mut Upstream>, buf: &mut BytesMut) -> io::Result<usize> {
     match upstream {

@@ -20,6 +20,8 @@ pub struct SessionState {
     pub db: Option<Vec<u8>>,
     /// Connection name (CLIENT SETNAME, HELLO SETNAME).
     pub name: Option<Vec<u8>>,
+    /// CLIENT REPLY OFF is in force: the member answers nothing.
+    pub reply_off: bool,
 }
 
 impl fmt::Debug for SessionState {
@@ -29,6 +31,7 @@ impl fmt::Debug for SessionState {
             .field("resp3", &self.resp3)
             .field("db", &self.db.as_deref().map(String::from_utf8_lossy))
             .field("name", &self.name.as_deref().map(String::from_utf8_lossy))
+            .field("reply_off", &self.reply_off)
             .finish()
     }
 }
@@ -116,8 +119,8 @@ impl SessionState {
         self.name = (!name.is_empty()).then_some(name);
     }
 
-    /// The commands that rebuild this state on a fresh connection, pipelined; each must get
-    /// a non-error reply.
+    /// The commands that rebuild this state on a fresh connection, pipelined, and how many
+    /// replies they get (each must be a non-error).
     pub fn replay_commands(&self) -> (Vec<u8>, usize) {
         let mut out = Vec::new();
         let mut n = 0;
@@ -138,6 +141,11 @@ impl SessionState {
         }
         if let Some(db) = &self.db {
             push(vec![b"SELECT".to_vec(), db.clone()]);
+        }
+        if self.reply_off {
+            // Last, and not counted: it has no reply.
+            let off = [b"CLIENT".to_vec(), b"REPLY".to_vec(), b"OFF".to_vec()];
+            request::encode_command(&off, &mut out);
         }
         (out, n)
     }

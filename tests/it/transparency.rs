@@ -201,3 +201,30 @@ async fn max_clients_is_enforced_as_redis_does() {
     d.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
     assert!(proxy.metric("geoproxy_rejected_connections_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_and_skip_keep_the_reply_count_right() {
+    let member = RedisServer::start();
+    let options = Options {
+        reply_timeout: "200ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(
+        b"CLIENT REPLY OFF\r\nSET a 1\r\nINCR a\r\nCLIENT REPLY ON\r\nGET a\r\n",
+        b"+OK\r\n$1\r\n2\r\n",
+    )
+    .await;
+    raw.roundtrip(b"CLIENT REPLY SKIP\r\nSET b 2\r\nGET b\r\n", b"$1\r\n2\r\n")
+        .await;
+    // Had the proxy counted replies that never come, it would now time them out, answer
+    // -OUTCOMEUNKNOWN and mark the member down. Wait past reply_timeout (a bounded wait for
+    // something that must not happen), then check.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    assert_eq!(
+        proxy.metric("geoproxy_member_up{member=\"local\"}").await,
+        1.0
+    );
+}
