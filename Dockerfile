@@ -28,7 +28,6 @@ RUN apt-get update \
     && mkdir -p /etc/geoproxy
 COPY --from=build /usr/local/bin/geoproxy /usr/local/bin/geoproxy
 # Plain log lines (no terminal colors) in `docker logs`.
-ENV NO_COLOR=1
 # Numeric, so Kubernetes can verify runAsNonRoot.
 USER 10001:10001
 # 6380: Redis clients. 9380: admin HTTP (/live /ready /metrics /v1/status).

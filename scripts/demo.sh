@@ -178,8 +178,6 @@ failback_after = "${FAILBACK_AFTER}s"
 TOML
 
 log="$work/geoproxy.log"
-# Plain log lines when the output is not a terminal (CI, a file).
-[ -t 1 ] || export NO_COLOR=1
 "$geoproxy_bin" --config "$config" >"$log" 2>&1 &
 geoproxy_pid=$!
 disown
