@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::member::{Member, MemberIdx};
-use crate::resp::reply::first_reply;
+use crate::resp::reply::{first_frame, Reply};
 use crate::resp::ProtocolError;
 use crate::session::state::SessionState;
 
@@ -43,9 +43,13 @@ impl UpstreamError {
 pub struct Upstream {
     pub member: MemberIdx,
     pub stream: TcpStream,
+    /// What the member sent after the replay (messages on re-made subscriptions), to be
+    /// forwarded before anything else.
+    pub early: BytesMut,
 }
 
-/// Opens a connection to `member` and replays `state` on it, all within `timeout`.
+/// Opens a connection to `member` and replays `state` on it (subscriptions included), all
+/// within `timeout`.
 pub async fn open(
     member: &Member,
     idx: MemberIdx,
@@ -55,23 +59,41 @@ pub async fn open(
     let address = &member.config.address;
     let ready = async {
         let mut stream = connect(address).await?;
-        let (commands, n) = state.replay_commands();
-        if n > 0 {
+        let (mut commands, replies) = state.replay_commands();
+        let (subscribe, confirmations) = state.subscription_commands();
+        commands.extend_from_slice(&subscribe);
+        let mut buf = BytesMut::new();
+        let mut early = BytesMut::new();
+        if !commands.is_empty() {
             stream.write_all(&commands).await?;
-            let mut buf = BytesMut::with_capacity(1024);
-            for _ in 0..n {
+            for _ in 0..replies {
                 let reply = read_reply(&mut stream, &mut buf).await?;
-                if reply.first() == Some(&b'-') || reply.first() == Some(&b'!') {
+                if matches!(reply.first(), Some(b'-' | b'!')) {
                     return Err(UpstreamError::Rejected(error_line(&reply)));
                 }
             }
+            // One confirmation per channel, pattern and shard channel (pushes in RESP3);
+            // messages on the channels already subscribed may come between them.
+            let mut left = confirmations;
+            while left > 0 {
+                let (reply, frame) = read_frame(&mut stream, &mut buf, false).await?;
+                if reply.is_message() {
+                    early.extend_from_slice(&frame);
+                } else if reply.is_error() {
+                    return Err(UpstreamError::Rejected(error_line(&frame)));
+                } else if !reply.is_attribute() {
+                    left -= 1;
+                }
+            }
         }
-        Ok(stream)
+        early.extend_from_slice(&buf);
+        Ok((stream, early))
     };
     match tokio::time::timeout(timeout, ready).await {
-        Ok(Ok(stream)) => Ok(Upstream {
+        Ok(Ok((stream, early))) => Ok(Upstream {
             member: idx,
             stream,
+            early,
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(UpstreamError::Timeout(address.clone())),
@@ -96,9 +118,18 @@ pub async fn read_reply(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
 ) -> Result<BytesMut, UpstreamError> {
+    Ok(read_frame(stream, buf, true).await?.1)
+}
+
+/// Reads the next frame (optionally skipping pushes) and returns it with its bytes.
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    skip_pushes: bool,
+) -> Result<(Reply, BytesMut), UpstreamError> {
     loop {
-        if let Some(reply) = first_reply(buf)? {
-            return Ok(buf.split_to(reply.end));
+        if let Some(reply) = first_frame(buf, skip_pushes)? {
+            return Ok((reply, buf.split_to(reply.end)));
         }
         if stream.read_buf(buf).await? == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());

@@ -27,12 +27,42 @@ pub enum Kind {
     Unwatch,
     /// Waits for data or replicas; its reply may take as long as its own timeout says.
     Blocking(BlockTimeout),
-    /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`: the connection starts receiving messages.
-    Subscribe,
+    /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`: the connection receives messages.
+    Subscribe(Subscription),
+    /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE`.
+    Unsubscribe(Subscription),
     /// `MONITOR`: the connection streams every command the member runs.
     Monitor,
     /// `QUIT`: the member replies `+OK` and closes.
     Quit,
+}
+
+/// The three kinds of subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// `SUBSCRIBE channel`.
+    Channel,
+    /// `PSUBSCRIBE pattern`.
+    Pattern,
+    /// `SSUBSCRIBE shardchannel`.
+    Shard,
+}
+
+impl Subscription {
+    pub const ALL: [Subscription; 3] = [
+        Subscription::Channel,
+        Subscription::Pattern,
+        Subscription::Shard,
+    ];
+
+    /// The command that subscribes to this kind.
+    pub fn command(self) -> &'static [u8] {
+        match self {
+            Subscription::Channel => b"SUBSCRIBE",
+            Subscription::Pattern => b"PSUBSCRIBE",
+            Subscription::Shard => b"SSUBSCRIBE",
+        }
+    }
 }
 
 /// Where a blocking command says how long it may block.
@@ -80,7 +110,12 @@ pub fn classify(name: &[u8]) -> Kind {
         b"WAIT" => Kind::Blocking(Millis(2)),
         b"WAITAOF" => Kind::Blocking(Millis(3)),
         b"XREAD" | b"XREADGROUP" => Kind::Blocking(BlockOption),
-        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" => Kind::Subscribe,
+        b"SUBSCRIBE" => Kind::Subscribe(Subscription::Channel),
+        b"PSUBSCRIBE" => Kind::Subscribe(Subscription::Pattern),
+        b"SSUBSCRIBE" => Kind::Subscribe(Subscription::Shard),
+        b"UNSUBSCRIBE" => Kind::Unsubscribe(Subscription::Channel),
+        b"PUNSUBSCRIBE" => Kind::Unsubscribe(Subscription::Pattern),
+        b"SUNSUBSCRIBE" => Kind::Unsubscribe(Subscription::Shard),
         b"MONITOR" => Kind::Monitor,
         b"QUIT" => Kind::Quit,
         _ => Kind::Plain,

@@ -7,12 +7,14 @@
 
 use super::{find_line, parse_int, ProtocolError, MAX_BULK_LEN, MAX_NESTING};
 
-/// The first complete frame in `buf` that is not a push or an attribute, and its length.
-/// For short exchanges (health checks, session-state replay); it scans from the start.
-pub fn first_reply(buf: &[u8]) -> Result<Option<Reply>, ProtocolError> {
+/// The first complete frame in `buf` (with `skip_pushes`, the first that is not a push or
+/// an attribute). For short exchanges (health checks, session replay); it scans from the
+/// start.
+pub fn first_frame(buf: &[u8], skip_pushes: bool) -> Result<Option<Reply>, ProtocolError> {
     let mut first = None;
     ReplyScanner::default().scan(buf, |r| {
-        if first.is_none() && !r.is_push() && !r.is_attribute() {
+        let skip = skip_pushes && (r.is_push() || r.is_attribute());
+        if first.is_none() && !skip {
             first = Some(r);
         }
     })?;
@@ -32,6 +34,9 @@ pub struct Reply {
     pub end: usize,
     /// A null (`$-1`, `*-1`, `_`): for EXEC, a transaction that did not run.
     pub null: bool,
+    /// For an array or push whose first element is a bulk string: its first bytes.
+    head: [u8; HEAD_LEN],
+    head_len: u8,
 }
 
 impl Reply {
@@ -49,7 +54,20 @@ impl Reply {
     pub fn is_error(self) -> bool {
         matches!(self.kind, b'-' | b'!')
     }
+
+    /// A pub/sub message (`message`, `pmessage`, `smessage`): an array in RESP2, a push in
+    /// RESP3. In RESP2 only a subscribed connection's context tells it from a reply.
+    pub fn is_message(&self) -> bool {
+        matches!(self.kind, b'*' | b'>')
+            && matches!(
+                &self.head[..self.head_len as usize],
+                b"message" | b"pmessage" | b"smessage"
+            )
+    }
 }
+
+/// Bytes kept of the first element of an array: enough for `pmessage`.
+const HEAD_LEN: usize = 8;
 
 #[derive(Debug, Clone, Copy)]
 struct Open {
@@ -72,6 +90,12 @@ pub struct ReplyScanner {
     in_frame: bool,
     /// The top-level frame in progress is a null.
     null: bool,
+    /// The next element header is the first element of a top-level array or push.
+    at_first_element: bool,
+    head: [u8; HEAD_LEN],
+    head_len: u8,
+    /// Bytes of the first element still to copy into `head`.
+    capture_left: usize,
 }
 
 impl ReplyScanner {
@@ -86,6 +110,13 @@ impl ReplyScanner {
         loop {
             if self.body_left > 0 {
                 let take = self.body_left.min(buf.len() - pos);
+                if self.capture_left > 0 {
+                    let n = self.capture_left.min(take);
+                    let at = self.head_len as usize;
+                    self.head[at..at + n].copy_from_slice(&buf[pos..pos + n]);
+                    self.head_len += n as u8;
+                    self.capture_left -= n;
+                }
                 pos += take;
                 self.body_left -= take;
                 if self.body_left > 0 {
@@ -109,6 +140,14 @@ impl ReplyScanner {
                 self.in_frame = true;
                 self.top = kind;
                 self.null = kind == b'_' || matches!(kind, b'$' | b'*') && header == b"-1";
+                self.head_len = 0;
+                self.at_first_element = false;
+            } else if self.at_first_element && self.stack.len() == 1 {
+                self.at_first_element = false;
+                if kind == b'$' {
+                    let len = parse_int(header).unwrap_or(0).max(0) as usize;
+                    self.capture_left = len.min(HEAD_LEN);
+                }
             }
             pos = next;
             match kind {
@@ -135,6 +174,8 @@ impl ReplyScanner {
                         return Err(ProtocolError("reply nested too deeply"));
                     } else {
                         let left = if pairs { n as u64 * 2 } else { n as u64 };
+                        self.at_first_element =
+                            self.stack.is_empty() && matches!(kind, b'*' | b'>');
                         self.stack.push(Open { left, attribute });
                     }
                 }
@@ -166,6 +207,8 @@ impl ReplyScanner {
             kind: self.top,
             end,
             null: self.null,
+            head: self.head,
+            head_len: self.head_len,
         });
     }
 }
@@ -198,6 +241,23 @@ mod tests {
         // An attribute nested inside an aggregate is not one of its elements.
         let (k, _) = kinds(b"*1\r\n|1\r\n+k\r\n+v\r\n:5\r\n");
         assert_eq!(k, b"*");
+    }
+
+    #[test]
+    fn messages_are_recognised_across_reads() {
+        let frames: &[u8] = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n>4\r\n$8\r\npmessage\r\n$1\r\np\r\n$1\r\nc\r\n$1\r\nm\r\n*1\r\n*1\r\n$7\r\nmessage\r\n";
+        for step in [1, 3, frames.len()] {
+            let mut s = ReplyScanner::default();
+            let mut found = Vec::new();
+            let mut pending: Vec<u8> = Vec::new();
+            for chunk in frames.chunks(step) {
+                pending.extend_from_slice(chunk);
+                let n = s.scan(&pending, |r| found.push(r.is_message())).unwrap();
+                pending.drain(..n);
+            }
+            // A nested array that starts with "message" is not a message.
+            assert_eq!(found, [true, false, true, false], "step {step}");
+        }
     }
 
     #[test]

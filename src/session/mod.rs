@@ -4,8 +4,10 @@
 //! The session forwards the client's bytes in batches (every complete command read at once
 //! goes out in one write, so pipelines stay pipelines) and streams the member's replies back
 //! as they arrive. It counts the replies owed ([`Pending`]), which is what makes a move safe:
-//! a session with nothing owed, outside MULTI/WATCH and not subscribed ("quiescent") can
-//! switch to a new upstream between two commands, after replaying its state there.
+//! a session with nothing owed, outside MULTI/WATCH and not in MONITOR ("quiescent") can
+//! switch to a new upstream between two commands, after replaying its state there
+//! (subscriptions included: a subscriber is subscribed on the new member before the old
+//! connection is dropped).
 //!
 //! When the member fails, each command in flight gets its own `-OUTCOMEUNKNOWN` reply, in
 //! order, and is never re-sent anywhere (a retried INCR would count twice once the CRDT
@@ -59,6 +61,11 @@ pub struct Context {
 /// A command sent to the member whose reply has not arrived yet.
 #[derive(Debug)]
 struct Pending {
+    /// Reply frames still owed: 1, or one per name for a RESP2 (P|S)(UN)SUBSCRIBE.
+    owed: usize,
+    /// Sent while subscribed (or a subscription command): in RESP2, a `message` array
+    /// arriving while it is first in line is a message, not its reply.
+    pubsub: bool,
     /// State to apply when the member accepts the command.
     change: Option<Change>,
     /// For a blocking command: how long it may legitimately wait (`None` = forever).
@@ -146,9 +153,11 @@ pub struct Session {
     /// CLIENT REPLY mode: whether the member answers.
     reply_mode: ReplyMode,
     broken: Option<Broken>,
-    /// Subscribed or in MONITOR: the member sends without being asked, replies are no
-    /// longer counted, and the session stays on its member until it fails.
+    /// In MONITOR: the member streams without being asked, replies are no longer counted,
+    /// and the session stays on its member until it fails.
     passthrough: bool,
+    /// `replies` holds bytes to forward that no read announced (after a move).
+    replies_waiting: bool,
     /// QUIT was sent: close once it is answered.
     quitting: bool,
     /// Malformed input from the client: answered and closed once earlier replies are out.
@@ -196,6 +205,7 @@ impl Session {
             reply_mode: ReplyMode::On,
             broken: None,
             passthrough: false,
+            replies_waiting: false,
             quitting: false,
             protocol_error: None,
             stalled: false,
@@ -227,6 +237,9 @@ impl Session {
         let mut draining = false;
         loop {
             self.follow_route().await;
+            if std::mem::take(&mut self.replies_waiting) {
+                self.forward_replies().await?;
+            }
             self.forward_requests().await?;
             if self.pending.is_empty() {
                 if let Some(e) = self.protocol_error.take() {
@@ -315,6 +328,7 @@ impl Session {
             && self.broken.is_none()
             && !self.passthrough
             && !self.quitting
+            && !self.reply_scanner.mid_frame()
     }
 
     /// Moves to the route's member if the session can move now.
@@ -344,7 +358,7 @@ impl Session {
         let started = Instant::now();
         let member = self.ctx.members.get(target);
         match upstream::open(member, target, &self.state, self.ctx.connect_timeout).await {
-            Ok(new) => {
+            Ok(mut new) => {
                 if let Some(old) = current {
                     self.ctx.metrics.sessions_moved.inc();
                     self.ctx
@@ -358,11 +372,12 @@ impl Session {
                     );
                 }
                 self.commands = Some(self.ctx.metrics.commands(member.id()));
+                self.replies = std::mem::take(&mut new.early);
+                self.replies_waiting = !self.replies.is_empty();
+                self.reply_scanner = ReplyScanner::default();
                 self.upstream = Some(new);
                 self.detached_since = None;
                 self.failed = None;
-                self.replies.clear();
-                self.reply_scanner = ReplyScanner::default();
             }
             Err(e) => {
                 if e.is_member_failure() {
@@ -482,11 +497,13 @@ impl Session {
     fn sending(&mut self, kind: Kind, args: Option<&[Vec<u8>]>) {
         let args = args.unwrap_or_default();
         let mut pending = Pending {
+            owed: 1,
+            pubsub: false,
             change: None,
             block: None,
         };
         // CLIENT REPLY OFF/SKIP: the member will not answer, so no reply is owed.
-        let mut owed = match self.reply_mode {
+        let mut replies_on = match self.reply_mode {
             ReplyMode::On => true,
             ReplyMode::Off => false,
             ReplyMode::Skip => {
@@ -497,7 +514,7 @@ impl Session {
         if kind == Kind::Client {
             if let Some(mode) = client_reply(args) {
                 // ON is answered `+OK` even after OFF; OFF and SKIP are never answered.
-                owed = mode == ReplyMode::On;
+                replies_on = mode == ReplyMode::On;
                 if !(mode == ReplyMode::Skip && self.reply_mode == ReplyMode::Off) {
                     self.reply_mode = mode;
                 }
@@ -532,9 +549,32 @@ impl Session {
                     None => {}
                 }
             }
-            Kind::Subscribe | Kind::Monitor if !self.multi => {
-                // Replies are no longer counted from here on (nor timed: a subscriber may
-                // wait for messages forever).
+            Kind::Subscribe(sub) if !self.multi => {
+                let names = args.get(1..).unwrap_or_default();
+                // RESP2: one confirmation per name (no name: an error); RESP3: pushes.
+                pending.owed = if self.state.resp3 {
+                    0
+                } else {
+                    names.len().max(1)
+                };
+                self.state.subscribe(sub, names);
+                pending.pubsub = true;
+            }
+            Kind::Unsubscribe(sub) if !self.multi => {
+                let names = args.get(1..).unwrap_or_default();
+                // RESP2: one confirmation per name, or per current subscription (at least
+                // one) when none is named; RESP3: pushes.
+                let all = self.state.subscription_count(sub).max(1);
+                pending.owed = match (self.state.resp3, names.len()) {
+                    (true, _) => 0,
+                    (false, 0) => all,
+                    (false, n) => n,
+                };
+                self.state.unsubscribe(sub, names);
+                pending.pubsub = true;
+            }
+            Kind::Monitor if !self.multi => {
+                // Replies are no longer counted from here on (nor timed).
                 self.passthrough = true;
                 self.pending.clear();
             }
@@ -561,7 +601,11 @@ impl Session {
         if self.passthrough {
             return;
         }
-        if owed {
+        pending.pubsub |= self.state.subscribed();
+        if !replies_on {
+            pending.owed = 0;
+        }
+        if pending.owed > 0 {
             self.pending.push_back(pending);
         } else if let Some(change) = pending.change {
             // No reply will confirm it: take the member's acceptance for granted.
@@ -675,13 +719,22 @@ impl Session {
                 if *passthrough || reply.is_push() || reply.is_attribute() {
                     return;
                 }
-                match pending.pop_front() {
-                    Some(p) => {
-                        if let (Some(change), false) = (p.change, reply.is_error() || reply.null) {
-                            state.apply(change);
-                        }
+                // RESP2 pub/sub messages look like replies: only the context tells them apart.
+                if reply.is_message() && pending.front().is_none_or(|p| p.pubsub) {
+                    return;
+                }
+                let Some(front) = pending.front_mut() else {
+                    unexpected = true;
+                    return;
+                };
+                front.owed -= 1;
+                if front.owed > 0 {
+                    return;
+                }
+                if let Some(p) = pending.pop_front() {
+                    if let (Some(change), false) = (p.change, reply.is_error() || reply.null) {
+                        state.apply(change);
                     }
-                    None => unexpected = true,
                 }
             })
             .map_err(SessionError::MemberProtocol)?;
@@ -728,7 +781,7 @@ impl Session {
         if self.passthrough || self.reply_scanner.mid_frame() {
             return Err(SessionError::Unrecoverable(id));
         }
-        let n = self.pending.len();
+        let n: usize = self.pending.iter().map(|p| p.owed).sum();
         warn!(member = %id, why, inflight = n, "member failed with commands in flight");
         let reply = format!(
             "-OUTCOMEUNKNOWN geoproxy: member {id} failed before replying ({signal}); \
@@ -806,9 +859,13 @@ impl Session {
     }
 }
 
-/// Whether the session looks at a command's arguments (blocking timeouts, session state).
+/// Whether the session looks at a command's arguments (blocking timeouts, session state,
+/// subscriptions).
 fn needs_args(kind: Kind) -> bool {
-    matches!(kind, Kind::Blocking(_)) || Change::possible(kind)
+    matches!(
+        kind,
+        Kind::Blocking(_) | Kind::Subscribe(_) | Kind::Unsubscribe(_)
+    ) || Change::possible(kind)
 }
 
 /// A buffered command that could not join a batch.

@@ -4,9 +4,10 @@
 //! A state-changing command updates [`SessionState`] only once the member replied without
 //! an error, so the state replayed is always one a member accepted.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::resp::command::Kind;
+use crate::resp::command::{Kind, Subscription};
 use crate::resp::request;
 
 /// Replayable session state. The default is a fresh Redis connection's.
@@ -22,6 +23,8 @@ pub struct SessionState {
     pub name: Option<Vec<u8>>,
     /// CLIENT REPLY OFF is in force: the member answers nothing.
     pub reply_off: bool,
+    /// Channels, patterns and shard channels subscribed to, by [`Subscription`] kind.
+    subscriptions: [BTreeSet<Vec<u8>>; 3],
 }
 
 impl fmt::Debug for SessionState {
@@ -32,6 +35,14 @@ impl fmt::Debug for SessionState {
             .field("db", &self.db.as_deref().map(String::from_utf8_lossy))
             .field("name", &self.name.as_deref().map(String::from_utf8_lossy))
             .field("reply_off", &self.reply_off)
+            .field(
+                "subscriptions",
+                &self
+                    .subscriptions
+                    .iter()
+                    .map(BTreeSet::len)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -112,6 +123,51 @@ impl SessionState {
             Change::Reset => *self = SessionState::default(),
             Change::Many(changes) => changes.into_iter().for_each(|c| self.apply(c)),
         }
+    }
+
+    /// Subscribed to anything: the member sends messages unasked.
+    pub fn subscribed(&self) -> bool {
+        self.subscriptions.iter().any(|s| !s.is_empty())
+    }
+
+    /// How many subscriptions of this kind.
+    pub fn subscription_count(&self, kind: Subscription) -> usize {
+        self.subscriptions[kind as usize].len()
+    }
+
+    /// A (P|S)SUBSCRIBE was sent with these names.
+    pub fn subscribe(&mut self, kind: Subscription, names: &[Vec<u8>]) {
+        self.subscriptions[kind as usize].extend(names.iter().cloned());
+    }
+
+    /// A (P|S)UNSUBSCRIBE was sent with these names (none: all of that kind).
+    pub fn unsubscribe(&mut self, kind: Subscription, names: &[Vec<u8>]) {
+        let set = &mut self.subscriptions[kind as usize];
+        if names.is_empty() {
+            set.clear();
+        } else {
+            names.iter().for_each(|n| {
+                set.remove(n);
+            });
+        }
+    }
+
+    /// The commands that make this session's subscriptions again on a fresh connection,
+    /// and how many confirmations they get (one per name).
+    pub fn subscription_commands(&self) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut confirmations = 0;
+        for kind in Subscription::ALL {
+            let set = &self.subscriptions[kind as usize];
+            if set.is_empty() {
+                continue;
+            }
+            let mut args = vec![kind.command().to_vec()];
+            args.extend(set.iter().cloned());
+            request::encode_command(&args, &mut out);
+            confirmations += set.len();
+        }
+        (out, confirmations)
     }
 
     fn set_name(&mut self, name: Vec<u8>) {

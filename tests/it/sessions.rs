@@ -124,7 +124,7 @@ async fn a_lost_watch_aborts_exec_like_a_changed_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_and_subscriptions_do_not_move_on_failback() {
+async fn a_transaction_finishes_before_its_session_moves_and_subscribers_follow() {
     let mut east = RedisServer::start();
     let west = RedisServer::start();
     let options = Options {
@@ -142,8 +142,8 @@ async fn transactions_and_subscriptions_do_not_move_on_failback() {
     txn.roundtrip(b"SET x 1\r\n", b"+QUEUED\r\n").await;
     let mut sub = Raw::connect(proxy.addr).await;
     sub.roundtrip(
-        b"SUBSCRIBE news\r\n",
-        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n",
+        b"SUBSCRIBE news\r\nPSUBSCRIBE n*\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n*3\r\n$10\r\npsubscribe\r\n$2\r\nn*\r\n:2\r\n",
     )
     .await;
 
@@ -157,10 +157,84 @@ async fn transactions_and_subscriptions_do_not_move_on_failback() {
     assert_eq!(west.query(&["GET", "x"]), Value::BulkString(b"1".to_vec()));
     txn.roundtrip(b"SET y 1\r\n", b"+OK\r\n").await;
     assert_eq!(east.query(&["GET", "y"]), Value::BulkString(b"1".to_vec()));
-    // The subscriber stays on eu-west, where its subscription lives.
-    west.query(&["PUBLISH", "news", "hello"]);
+    // The idle subscriber moved too, its channel and pattern subscribed on us-east.
+    let east = &east;
+    eventually(
+        Duration::from_secs(10),
+        "the subscriber is on us-east",
+        || async move {
+            east.query(&["PUBSUB", "NUMSUB", "news"])
+                == Value::Array(vec![Value::BulkString(b"news".to_vec()), Value::Int(1)])
+                && east.query(&["PUBSUB", "NUMPAT"]) == Value::Int(1)
+        },
+    )
+    .await;
+    east.query(&["PUBLISH", "news", "hello"]);
     let msg = b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n";
     assert_eq!(sub.read_exact_len(msg.len()).await, msg);
+    let pmsg = b"*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$5\r\nhello\r\n";
+    assert_eq!(sub.read_exact_len(pmsg.len()).await, pmsg);
+    // Unsubscribed, it is an ordinary connection again.
+    sub.roundtrip(
+        b"UNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nSET z 1\r\n",
+        b"*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:1\r\n*3\r\n$12\r\npunsubscribe\r\n$2\r\nn*\r\n:0\r\n+OK\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_resubscribe_when_their_member_dies() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut sub = Raw::connect(proxy.addr).await;
+    sub.roundtrip(
+        b"SSUBSCRIBE orders\r\n",
+        b"*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n",
+    )
+    .await;
+    east.query(&["SPUBLISH", "orders", "one"]);
+    let one = b"*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n$3\r\none\r\n";
+    assert_eq!(sub.read_exact_len(one.len()).await, one);
+
+    east.kill();
+    let west = &west;
+    eventually(
+        Duration::from_secs(10),
+        "re-subscribed on eu-west",
+        || async move {
+            west.query(&["PUBSUB", "SHARDNUMSUB", "orders"])
+                == Value::Array(vec![Value::BulkString(b"orders".to_vec()), Value::Int(1)])
+        },
+    )
+    .await;
+    west.query(&["SPUBLISH", "orders", "two"]);
+    let two = b"*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n$3\r\ntwo\r\n";
+    assert_eq!(sub.read_exact_len(two.len()).await, two);
+    // RESP2 PING in subscribed mode is answered as Redis does.
+    sub.roundtrip(b"PING\r\n", b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_subscribers_get_pushes_and_can_run_commands() {
+    let member = RedisServer::start();
+    let proxy = Proxy::start(&[("local", member.addr())], Options::default()).await;
+    let mut c = Raw::connect(proxy.addr).await;
+    c.send(b"HELLO 3\r\n").await;
+    let mut hello = Vec::new();
+    while !hello.ends_with(b"*0\r\n") {
+        hello.extend(c.read_exact_len(1).await);
+    }
+    c.roundtrip(
+        b"SUBSCRIBE a\r\nSET k v\r\nGET k\r\n",
+        b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n+OK\r\n$1\r\nv\r\n",
+    )
+    .await;
+    member.query(&["PUBLISH", "a", "hi"]);
+    let push = b">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n";
+    assert_eq!(c.read_exact_len(push.len()).await, push);
+    c.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

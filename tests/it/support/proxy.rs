@@ -114,6 +114,13 @@ impl Proxy {
 
     /// Starts a proxy without waiting for a route (all members may be down).
     pub async fn start_unrouted(members: &[(&str, String)], options: Options) -> Proxy {
+        // GEOPROXY_LOG=debug shows the proxy's logs in a failing test's output.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("GEOPROXY_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
         let config = Config::from_toml(&config_toml(members, &options)).expect("valid test config");
         let server = Server::bind(config).await.expect("bind port 0");
         let shutdown = CancellationToken::new();
