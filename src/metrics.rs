@@ -19,6 +19,8 @@ pub struct Metrics {
     pub sessions_open: IntGauge,
     pub sessions_total: IntCounter,
     pub sessions_moved: IntCounter,
+    pub sessions_interrupted: IntCounter,
+    pub sessions_lost: IntCounter,
     pub sessions_rejected: IntCounter,
     commands: IntCounterVec,
     inflight_errors: IntCounterVec,
@@ -105,7 +107,24 @@ impl Metrics {
                 r,
                 IntCounter::new(
                     "geoproxy_sessions_moved_total",
-                    "Sessions moved to another member at a quiescent point."
+                    "Sessions moved to another member: at a quiescent point, or after their \
+                     member failed."
+                )
+            ),
+            sessions_interrupted: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_sessions_interrupted_total",
+                    "Sessions whose member failed with commands in flight (each of those got \
+                     an outcome-unknown error; the session went on)."
+                )
+            ),
+            sessions_lost: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_sessions_lost_total",
+                    "Sessions closed because their member failed in the middle of a reply or \
+                     in MONITOR (the goal is zero)."
                 )
             ),
             sessions_rejected: register!(

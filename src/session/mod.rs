@@ -136,6 +136,8 @@ pub struct Session {
     /// The route as last read from `route`.
     route_seen: Route,
     upstream: Option<Upstream>,
+    /// The member of the last upstream, kept after it failed: attaching elsewhere is a move.
+    last_member: Option<MemberIdx>,
     /// Command counter of the current upstream's member.
     commands: Option<IntCounter>,
     state: SessionState,
@@ -192,6 +194,7 @@ impl Session {
             route,
             route_seen,
             upstream: None,
+            last_member: None,
             commands: None,
             state: SessionState::default(),
             pending: VecDeque::new(),
@@ -359,7 +362,8 @@ impl Session {
         let member = self.ctx.members.get(target);
         match upstream::open(member, target, &self.state, self.ctx.connect_timeout).await {
             Ok(mut new) => {
-                if let Some(old) = current {
+                // A move: from a live upstream, or back on air after a failure elsewhere.
+                if let Some(old) = current.or(self.last_member).filter(|&m| m != target) {
                     self.ctx.metrics.sessions_moved.inc();
                     self.ctx
                         .metrics
@@ -371,6 +375,7 @@ impl Session {
                         "session moved"
                     );
                 }
+                self.last_member = Some(target);
                 self.commands = Some(self.ctx.metrics.commands(member.id()));
                 self.replies = std::mem::take(&mut new.early);
                 self.replies_waiting = !self.replies.is_empty();
@@ -779,6 +784,7 @@ impl Session {
         }
         member.report(signal);
         if self.passthrough || self.reply_scanner.mid_frame() {
+            self.ctx.metrics.sessions_lost.inc();
             return Err(SessionError::Unrecoverable(id));
         }
         let n: usize = self.pending.iter().map(|p| p.owed).sum();
@@ -795,6 +801,9 @@ impl Session {
         self.blocked_until = None;
         self.blocked_forever = false;
         self.ctx.metrics.inflight_errors(&id, n as u64);
+        if n > 0 {
+            self.ctx.metrics.sessions_interrupted.inc();
+        }
         if self.multi {
             self.broken = Some(Broken::Multi { member: id.clone() });
         } else if self.watching {

@@ -310,3 +310,37 @@ async fn state_changed_inside_multi_is_replayed_only_if_exec_ran() {
     ];
     assert_eq!(west.query(&in_db4), Value::BulkString(b"west".to_vec()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_command_gets_an_error_when_its_member_dies_and_the_session_moves() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.send(b"BLPOP jobs 0\r\n").await;
+    let e = &east;
+    eventually(PATIENCE, "BLPOP blocks on us-east", || async move {
+        e.info_field("clients", "blocked_clients").as_deref() == Some("1")
+    })
+    .await;
+    east.kill();
+    let err = "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (connection lost); \
+               the command may or may not have run and was not retried\r\n";
+    assert_eq!(raw.read_exact_len(err.len()).await, err.as_bytes());
+    // The client blocks again; now on eu-west, where a push wakes it.
+    raw.send(b"BLPOP jobs 0\r\n").await;
+    let w = &west;
+    eventually(PATIENCE, "BLPOP blocks on eu-west", || async move {
+        w.info_field("clients", "blocked_clients").as_deref() == Some("1")
+    })
+    .await;
+    west.query(&["RPUSH", "jobs", "j1"]);
+    raw.roundtrip(b"", b"*2\r\n$4\r\njobs\r\n$2\r\nj1\r\n")
+        .await;
+    assert_eq!(
+        proxy.metric("geoproxy_sessions_interrupted_total").await,
+        1.0
+    );
+    assert_eq!(proxy.metric("geoproxy_sessions_moved_total").await, 1.0);
+    assert_eq!(proxy.metric("geoproxy_sessions_lost_total").await, 0.0);
+}

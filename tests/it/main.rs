@@ -2,6 +2,7 @@
 //! real client (redis-rs) or raw RESP bytes at the edge. Shared fixtures in `support`.
 
 mod binary;
+mod commands;
 mod failover;
 mod network;
 mod sessions;
