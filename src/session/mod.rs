@@ -332,6 +332,7 @@ impl Session {
             && !self.passthrough
             && !self.quitting
             && !self.reply_scanner.mid_frame()
+            && !self.state.tracking_redirected()
     }
 
     /// Moves to the route's member if the session can move now.
@@ -363,6 +364,8 @@ impl Session {
         match upstream::open(member, target, &self.state, self.ctx.connect_timeout).await {
             Ok(mut new) => {
                 // A move: from a live upstream, or back on air after a failure elsewhere.
+                // Any earlier upstream: its tracking state and invalidations are gone.
+                let reattached = current.or(self.last_member).is_some();
                 if let Some(old) = current.or(self.last_member).filter(|&m| m != target) {
                     self.ctx.metrics.sessions_moved.inc();
                     self.ctx
@@ -383,6 +386,13 @@ impl Session {
                 self.upstream = Some(new);
                 self.detached_since = None;
                 self.failed = None;
+                if reattached && self.state.tracking.is_some() && self.state.resp3 {
+                    // Invalidations from the old member are gone: tell the client to drop
+                    // its whole cache (an invalidation with a null key list).
+                    if let Err(e) = self.client.write_all(INVALIDATE_ALL).await {
+                        debug!(error = %e, "client connection closed");
+                    }
+                }
             }
             Err(e) => {
                 if e.is_member_failure() {
@@ -783,7 +793,7 @@ impl Session {
             return Ok(());
         }
         member.report(signal);
-        if self.passthrough || self.reply_scanner.mid_frame() {
+        if self.passthrough || self.reply_scanner.mid_frame() || self.state.tracking_redirected() {
             self.ctx.metrics.sessions_lost.inc();
             return Err(SessionError::Unrecoverable(id));
         }
@@ -882,6 +892,9 @@ struct Local {
     len: usize,
     kind: Kind,
 }
+
+/// RESP3 push telling a tracking client to flush its whole cache.
+const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
 
 /// The reply to a command when no member is available.
 const UNAVAILABLE: &[u8] = b"-UNAVAILABLE geoproxy: no member available\r\n";

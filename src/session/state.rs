@@ -23,6 +23,8 @@ pub struct SessionState {
     pub name: Option<Vec<u8>>,
     /// CLIENT REPLY OFF is in force: the member answers nothing.
     pub reply_off: bool,
+    /// Client-side caching: the options of `CLIENT TRACKING ON`, if on.
+    pub tracking: Option<Vec<Vec<u8>>>,
     /// Channels, patterns and shard channels subscribed to, by [`Subscription`] kind.
     subscriptions: [BTreeSet<Vec<u8>>; 3],
 }
@@ -35,6 +37,7 @@ impl fmt::Debug for SessionState {
             .field("db", &self.db.as_deref().map(String::from_utf8_lossy))
             .field("name", &self.name.as_deref().map(String::from_utf8_lossy))
             .field("reply_off", &self.reply_off)
+            .field("tracking", &self.tracking.is_some())
             .field(
                 "subscriptions",
                 &self
@@ -58,6 +61,8 @@ pub enum Change {
         name: Option<Vec<u8>>,
     },
     SetName(Vec<u8>),
+    /// `CLIENT TRACKING ON <options>` (the options) or `OFF` (`None`).
+    Tracking(Option<Vec<Vec<u8>>>),
     Reset,
     /// The changes queued inside MULTI, applied when EXEC ran the transaction.
     Many(Vec<Change>),
@@ -86,6 +91,10 @@ impl Change {
             }
             Kind::Client if args.len() == 3 && args[1].eq_ignore_ascii_case(b"SETNAME") => {
                 Some(Change::SetName(args[2].clone()))
+            }
+            Kind::Client if args.len() >= 3 && args[1].eq_ignore_ascii_case(b"TRACKING") => {
+                let on = args[2].eq_ignore_ascii_case(b"ON");
+                Some(Change::Tracking(on.then(|| args[3..].to_vec())))
             }
             Kind::Reset => Some(Change::Reset),
             _ => None,
@@ -120,9 +129,18 @@ impl SessionState {
                 }
             }
             Change::SetName(n) => self.set_name(n),
+            Change::Tracking(options) => self.tracking = options,
             Change::Reset => *self = SessionState::default(),
             Change::Many(changes) => changes.into_iter().for_each(|c| self.apply(c)),
         }
+    }
+
+    /// Tracking sends its invalidations to another connection (`REDIRECT id`), named by
+    /// its id on this member: it cannot be replayed on another.
+    pub fn tracking_redirected(&self) -> bool {
+        self.tracking
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|a| a.eq_ignore_ascii_case(b"REDIRECT")))
     }
 
     /// Subscribed to anything: the member sends messages unasked.
@@ -197,6 +215,11 @@ impl SessionState {
         }
         if let Some(db) = &self.db {
             push(vec![b"SELECT".to_vec(), db.clone()]);
+        }
+        if let Some(options) = &self.tracking {
+            let mut args = vec![b"CLIENT".to_vec(), b"TRACKING".to_vec(), b"ON".to_vec()];
+            args.extend(options.iter().cloned());
+            push(args);
         }
         if self.reply_off {
             // Last, and not counted: it has no reply.

@@ -263,3 +263,64 @@ async fn a_subscriber_is_not_timed_out_while_waiting_for_messages() {
         1.0
     );
 }
+
+/// Reads one RESP3 HELLO reply (a map ending with the `modules` empty array).
+async fn hello3(c: &mut Raw) {
+    c.send(b"HELLO 3\r\n").await;
+    let mut hello = Vec::new();
+    while !hello.ends_with(b"*0\r\n") {
+        hello.extend(c.read_exact_len(1).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_tracking_moves_and_the_client_is_told_to_flush() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut c = Raw::connect(proxy.addr).await;
+    hello3(&mut c).await;
+    c.roundtrip(b"CLIENT TRACKING ON\r\n", b"+OK\r\n").await;
+    c.roundtrip(b"GET k\r\n", b"_\r\n").await;
+    east.query(&["SET", "k", "1"]);
+    let invalidate_k = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
+    assert_eq!(c.read_exact_len(invalidate_k.len()).await, invalidate_k);
+
+    east.kill();
+    // The next command waits for eu-west; on the way the client is told to flush.
+    c.send(b"GET k\r\n").await;
+    let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+    assert_eq!(c.read_exact_len(flush.len()).await, flush);
+    assert_eq!(c.read_exact_len(3).await, b"_\r\n");
+    // Tracking is on again, on eu-west.
+    west.query(&["SET", "k", "2"]);
+    assert_eq!(c.read_exact_len(invalidate_k.len()).await, invalidate_k);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp2_tracking_with_redirect_passes_through() {
+    let member = RedisServer::start();
+    let proxy = Proxy::start(&[("local", member.addr())], Options::default()).await;
+    let mut sink = Raw::connect(proxy.addr).await;
+    sink.send(b"CLIENT ID\r\n").await;
+    let mut id = Vec::new();
+    while !id.ends_with(b"\r\n") {
+        id.extend(sink.read_exact_len(1).await);
+    }
+    let id = String::from_utf8_lossy(&id[1..id.len() - 2]).to_string();
+    sink.roundtrip(
+        b"SUBSCRIBE __redis__:invalidate\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$20\r\n__redis__:invalidate\r\n:1\r\n",
+    )
+    .await;
+    let mut c = Raw::connect(proxy.addr).await;
+    c.roundtrip(
+        format!("CLIENT TRACKING ON REDIRECT {id}\r\n").as_bytes(),
+        b"+OK\r\n",
+    )
+    .await;
+    c.roundtrip(b"GET k\r\n", b"$-1\r\n").await;
+    member.query(&["SET", "k", "1"]);
+    let msg = b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n";
+    assert_eq!(sink.read_exact_len(msg.len()).await, msg);
+}
