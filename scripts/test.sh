@@ -3,7 +3,8 @@
 # processes on free ports) and doc tests. Extra arguments go to `cargo test`, for example
 #   scripts/test.sh -- --nocapture
 #   scripts/test.sh --test it failover
-# On a fresh Debian/Ubuntu machine it installs redis-server first if it is not on PATH.
+# On a fresh Debian/Ubuntu machine it installs redis-server (apt) and redis-py (pip) first
+# when they are missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,6 +33,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
     # The package may start a system redis-server on port 6379; the tests use their own
     # servers on free ports, so stop it rather than leave it running.
     as_root service redis-server stop 2>/dev/null || true
+fi
+
+# redis-py, for the scenario in tests/py/ (a second real client besides redis-rs).
+if ! python3 -c 'import redis' >/dev/null 2>&1; then
+    echo "test.sh: redis-py not found; installing it with pip"
+    python3 -m pip install --quiet 'redis>=5,<9' \
+        || python3 -m pip install --quiet --break-system-packages 'redis>=5,<9' \
+        || { as_root apt-get update && as_root apt-get install -y python3-redis; }
 fi
 
 echo "test.sh: $(redis-server --version)"

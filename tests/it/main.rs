@@ -5,6 +5,7 @@ mod binary;
 mod commands;
 mod failover;
 mod network;
+mod python;
 mod sessions;
 mod support;
 mod support_selftest;
