@@ -102,6 +102,8 @@ struct MemberStatus {
     active: bool,
     last_error: Option<String>,
     last_check_seconds: Option<f64>,
+    /// Commands in the member's own `COMMAND` table; 0 until it is fetched.
+    commands: usize,
 }
 
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
@@ -122,6 +124,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
                 active: route.member == Some(i),
                 last_error: st.last_error,
                 last_check_seconds: st.last_check_seconds,
+                commands: m.command_table().len,
             }
         })
         .collect();

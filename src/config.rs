@@ -135,6 +135,9 @@ pub struct HealthConfig {
 pub struct FailoverConfig {
     pub failback: Failback,
     pub failback_after: Duration,
+    /// Re-send in-flight read-only commands to the new member when their member fails
+    /// (writes never are). Off by default: a retried read may see older data.
+    pub retry_reads: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -285,6 +288,7 @@ mod raw {
         pub failback: Option<Failback>,
         #[serde(default, with = "humantime_serde")]
         pub failback_after: Option<Duration>,
+        pub retry_reads: Option<bool>,
     }
 
     #[derive(Deserialize, Default)]
@@ -478,6 +482,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         failover: FailoverConfig {
             failback: f.failback.unwrap_or(Failback::Auto),
             failback_after,
+            retry_reads: f.retry_reads.unwrap_or(false),
         },
         log: LogConfig {
             format: raw.log.format,

@@ -143,6 +143,7 @@ impl Server {
             reply_timeout: config.proxy.reply_timeout,
             unavailable_timeout: config.proxy.unavailable_timeout,
             connect_timeout: config.proxy.connect_timeout,
+            retry_reads: config.failover.retry_reads,
         });
         let sessions = TaskTracker::new();
         let listener = Listener {

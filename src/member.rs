@@ -8,13 +8,17 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::MemberConfig;
 use crate::health::State;
+use crate::resp::table::CommandTable;
+
+/// The command table used until a member's own is known.
+static BUILTIN_COMMANDS: LazyLock<CommandTable> = LazyLock::new(CommandTable::builtin);
 
 /// Index of a member in preference order (0 = most preferred).
 pub type MemberIdx = usize;
@@ -60,9 +64,24 @@ pub struct Member {
     /// Passive signals to this member's checker. Bounded: a full queue means the checker
     /// already has reasons to look, so extra signals are dropped.
     signals: mpsc::Sender<Signal>,
+    /// The member's own `COMMAND` table, once its checker fetched it.
+    commands: OnceLock<CommandTable>,
 }
 
 impl Member {
+    /// The member's command table, or the built-in one until it is known.
+    pub fn command_table(&self) -> &CommandTable {
+        self.commands.get().unwrap_or(&BUILTIN_COMMANDS)
+    }
+
+    pub(crate) fn knows_commands(&self) -> bool {
+        self.commands.get().is_some()
+    }
+
+    pub(crate) fn set_command_table(&self, table: CommandTable) {
+        let _ = self.commands.set(table);
+    }
+
     pub fn id(&self) -> &str {
         &self.config.id
     }
@@ -131,6 +150,7 @@ impl Members {
                         last_check_seconds: None,
                     }),
                     signals: tx,
+                    commands: OnceLock::new(),
                 }
             })
             .collect();

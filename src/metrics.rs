@@ -25,6 +25,7 @@ pub struct Metrics {
     commands: IntCounterVec,
     inflight_errors: IntCounterVec,
     pub unavailable_replies: IntCounter,
+    pub retried_reads: IntCounter,
     pub protocol_errors: IntCounter,
     pub move_duration: Histogram,
 }
@@ -157,6 +158,14 @@ impl Metrics {
                 IntCounter::new(
                     "geoproxy_unavailable_replies_total",
                     "Commands answered -UNAVAILABLE because no member was available."
+                )
+            ),
+            retried_reads: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_retried_reads_total",
+                    "Read-only commands re-sent to the next member after theirs failed \
+                     (failover.retry_reads)."
                 )
             ),
             protocol_errors: register!(

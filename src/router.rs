@@ -245,6 +245,7 @@ mod tests {
         let config = FailoverConfig {
             failback,
             failback_after: GRACE,
+            retry_reads: false,
         };
         Router::new(&config, 3)
     }

@@ -8,13 +8,16 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::ping::PingCheck;
 use super::{Flip, Health, State};
 use crate::config::HealthConfig;
 use crate::member::{MemberIdx, Members, Signal};
 use crate::metrics::Metrics;
+
+/// How long fetching a member's `COMMAND` table may take (a few hundred KB).
+const COMMAND_TABLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Probes one member until shutdown.
 pub struct Checker {
@@ -61,7 +64,31 @@ impl Checker {
             if let Some(flip) = health.observe(result.is_ok()) {
                 self.publish(flip, reason.as_deref().unwrap_or("check passed"));
             }
+            if result.is_ok() && !self.members.get(self.idx).knows_commands() {
+                self.fetch_command_table(&mut ping).await;
+            }
             next = Instant::now() + jittered(self.config.interval);
+        }
+    }
+
+    /// Learns the member's commands once (module commands included). A failure only
+    /// delays it to the next good check; the built-in table serves meanwhile.
+    async fn fetch_command_table(&self, ping: &mut PingCheck) {
+        let member = self.members.get(self.idx);
+        match timeout(COMMAND_TABLE_TIMEOUT, ping.command_table()).await {
+            Ok(Ok(table)) => {
+                debug!(
+                    member = member.id(),
+                    commands = table.len,
+                    "command table loaded"
+                );
+                member.set_command_table(table);
+            }
+            Ok(Err(e)) => debug!(member = member.id(), error = %e, "no command table yet"),
+            Err(_) => {
+                ping.reset();
+                debug!(member = member.id(), "command table timed out");
+            }
         }
     }
 

@@ -9,9 +9,11 @@ use tokio::net::TcpStream;
 
 use crate::config::MemberConfig;
 use crate::resp::request::encode_command;
+use crate::resp::table::CommandTable;
 use crate::upstream::{connect, error_line, read_reply, UpstreamError};
 
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+const COMMAND: &[u8] = b"*1\r\n$7\r\nCOMMAND\r\n";
 
 #[derive(Default)]
 pub struct PingCheck {
@@ -24,6 +26,24 @@ impl PingCheck {
     /// [`PingCheck::reset`] when it expires.
     pub async fn run(&mut self, member: &MemberConfig) -> Result<(), String> {
         let result = self.ping(member).await;
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    /// Fetches the member's `COMMAND` table on the check connection (after a good check).
+    pub async fn command_table(&mut self) -> Result<CommandTable, String> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err("no connection".into());
+        };
+        let result = async {
+            conn.write_all(COMMAND).await.map_err(|e| e.to_string())?;
+            let reply = read_reply(conn, &mut self.buf).await.map_err(describe)?;
+            CommandTable::parse(&reply)
+                .ok_or_else(|| format!("COMMAND answered: {}", error_line(&reply)))
+        }
+        .await;
         if result.is_err() {
             self.reset();
         }

@@ -16,6 +16,7 @@
 pub mod command;
 pub mod reply;
 pub mod request;
+pub mod table;
 
 /// Redis's `proto-max-bulk-len` default: 512 MB.
 pub const MAX_BULK_LEN: usize = 512 * 1024 * 1024;

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -56,6 +56,8 @@ pub struct Context {
     pub reply_timeout: Duration,
     pub unavailable_timeout: Duration,
     pub connect_timeout: Duration,
+    /// `failover.retry_reads`: in-flight read-only commands go to the new member.
+    pub retry_reads: bool,
 }
 
 /// A command sent to the member whose reply has not arrived yet.
@@ -70,6 +72,9 @@ struct Pending {
     change: Option<Change>,
     /// For a blocking command: how long it may legitimately wait (`None` = forever).
     block: Option<Option<Duration>>,
+    /// A read-only command's bytes, kept (with `retry_reads`) to re-send if its member
+    /// fails before answering.
+    retry: Option<Bytes>,
 }
 
 /// A transaction the member lost when it failed; answered by the proxy until it ends.
@@ -449,8 +454,29 @@ impl Session {
                     self.requests.extend_from_slice(&rest);
                     continue;
                 }
-                let kind = classify(&bytes[frame.name.clone()]);
-                if self.upstream.is_none() || self.answers_locally(kind) {
+                let name = &bytes[frame.name.clone()];
+                let Some(upstream) = &self.upstream else {
+                    if end == 0 {
+                        local = Some(Local {
+                            len: frame.len,
+                            kind: classify(name),
+                        });
+                    }
+                    break;
+                };
+                let table = self.ctx.members.get(upstream.member).command_table();
+                let kind = match classify(name) {
+                    // A module's blocking or pub/sub command: its replies cannot be counted,
+                    // so the session treats it as MONITOR (stays, never timed).
+                    Kind::Plain if table.is_module_streaming(name) => Kind::Monitor,
+                    k => k,
+                };
+                let retry = (self.ctx.retry_reads
+                    && kind == Kind::Plain
+                    && !self.multi
+                    && table.is_read_only(name))
+                .then(|| Bytes::copy_from_slice(bytes));
+                if self.answers_locally(kind) {
                     // This command cannot join the batch: send the batch first.
                     if end == 0 {
                         local = Some(Local {
@@ -461,7 +487,7 @@ impl Session {
                     break;
                 }
                 let args = needs_args(kind).then(|| request::args(bytes, false));
-                self.sending(kind, args.as_deref());
+                self.sending(kind, args.as_deref(), retry);
                 end += frame.len;
                 sent += 1;
             }
@@ -509,13 +535,14 @@ impl Session {
 
     /// Records a command about to be forwarded: reply owed, state change, transaction flags.
     /// `args` (name first) are given when [`needs_args`] says so.
-    fn sending(&mut self, kind: Kind, args: Option<&[Vec<u8>]>) {
+    fn sending(&mut self, kind: Kind, args: Option<&[Vec<u8>]>, retry: Option<Bytes>) {
         let args = args.unwrap_or_default();
         let mut pending = Pending {
             owed: 1,
             pubsub: false,
             change: None,
             block: None,
+            retry,
         };
         // CLIENT REPLY OFF/SKIP: the member will not answer, so no reply is owed.
         let mut replies_on = match self.reply_mode {
@@ -793,6 +820,11 @@ impl Session {
             return Ok(());
         }
         member.report(signal);
+        if self.retry_in_flight_reads() {
+            info!(member = %id, why, "member failed; in-flight reads go to the next member");
+            self.detach_after_failure(lost.member);
+            return Ok(());
+        }
         if self.passthrough || self.reply_scanner.mid_frame() || self.state.tracking_redirected() {
             self.ctx.metrics.sessions_lost.inc();
             return Err(SessionError::Unrecoverable(id));
@@ -821,14 +853,44 @@ impl Session {
         }
         self.multi = false;
         self.watching = false;
-        self.replies.clear();
-        self.reply_scanner = ReplyScanner::default();
-        self.failed = Some((lost.member, self.route_seen.epoch));
-        self.detached_since = Some(Instant::now());
+        self.detach_after_failure(lost.member);
         self.client
             .write_all(&out)
             .await
             .map_err(SessionError::Client)
+    }
+
+    /// With `retry_reads`, when every command in flight is read-only (and nothing of a
+    /// reply has reached the client), puts them back in front of the unsent commands, to
+    /// go to the next member. Returns whether it did.
+    fn retry_in_flight_reads(&mut self) -> bool {
+        let all_reads = !self.pending.is_empty() && self.pending.iter().all(|p| p.retry.is_some());
+        let in_transaction = self.multi || self.watching;
+        if !self.ctx.retry_reads || !all_reads || in_transaction || self.reply_scanner.mid_frame() {
+            return false;
+        }
+        self.ctx
+            .metrics
+            .retried_reads
+            .inc_by(self.pending.len() as u64);
+        let mut again = BytesMut::new();
+        for p in self.pending.drain(..) {
+            again.extend_from_slice(&p.retry.unwrap_or_default());
+        }
+        again.extend_from_slice(&self.requests);
+        self.requests = again;
+        self.request_scanner = RequestScanner::default();
+        self.blocked_until = None;
+        self.blocked_forever = false;
+        true
+    }
+
+    /// Forgets the failed upstream's reply stream and waits for the next member.
+    fn detach_after_failure(&mut self, member: MemberIdx) {
+        self.replies.clear();
+        self.reply_scanner = ReplyScanner::default();
+        self.failed = Some((member, self.route_seen.epoch));
+        self.detached_since = Some(Instant::now());
     }
 
     /// When the session must wake up by itself: a reply overdue, or waiting commands due

@@ -344,3 +344,50 @@ async fn a_blocked_command_gets_an_error_when_its_member_dies_and_the_session_mo
     assert_eq!(proxy.metric("geoproxy_sessions_moved_total").await, 1.0);
     assert_eq!(proxy.metric("geoproxy_sessions_lost_total").await, 0.0);
 }
+
+async fn command_tables_loaded(proxy: &Proxy) {
+    eventually(
+        PATIENCE,
+        "the members' COMMAND tables are loaded",
+        || async {
+            let s = proxy.status().await;
+            (0..2).all(|i| s["members"][i]["commands"].as_u64().unwrap_or(0) > 100)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_reads_resends_in_flight_reads_but_never_writes() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        retry_reads: true,
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    command_tables_loaded(&proxy).await;
+    west.query(&["SET", "a", "west-a"]);
+    west.query(&["SET", "bits", "A"]);
+    let mut reads = Raw::connect(proxy.addr).await;
+    reads.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    let mut mixed = Raw::connect(proxy.addr).await;
+    mixed.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+
+    east.stop();
+    // GET is in the built-in table; BITFIELD_RO only in the member's own COMMAND table.
+    reads.send(b"GET a\r\nBITFIELD_RO bits GET u8 0\r\n").await;
+    mixed.send(b"GET a\r\nINCR n\r\n").await;
+    reads.roundtrip(b"", b"$6\r\nwest-a\r\n*1\r\n:65\r\n").await;
+    let err = "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (reply timeout); \
+               the command may or may not have run and was not retried\r\n";
+    let got = mixed.read_exact_len(2 * err.len()).await;
+    assert_eq!(String::from_utf8_lossy(&got), err.repeat(2));
+    assert_eq!(
+        west.query(&["EXISTS", "n"]),
+        Value::Int(0),
+        "the INCR was not re-sent"
+    );
+    assert_eq!(proxy.metric("geoproxy_retried_reads_total").await, 2.0);
+    east.cont();
+}

@@ -25,6 +25,7 @@ pub struct Options {
     pub region: Option<&'static str>,
     /// The password health checks use on every member.
     pub password: Option<&'static str>,
+    pub retry_reads: bool,
 }
 
 impl Default for Options {
@@ -38,6 +39,7 @@ impl Default for Options {
             max_clients: 1000,
             region: None,
             password: None,
+            retry_reads: false,
         }
     }
 }
@@ -67,6 +69,7 @@ fall = 2
 [failover]
 failback = "{failback}"
 failback_after = "{after}"
+retry_reads = {retry_reads}
 "#,
         max = o.max_clients,
         reply = o.reply_timeout,
@@ -78,6 +81,7 @@ failback_after = "{after}"
         interval = o.interval,
         failback = o.failback,
         after = o.failback_after,
+        retry_reads = o.retry_reads,
     );
     for (id, addr) in members {
         t.push_str(&format!(
