@@ -188,3 +188,84 @@ async fn a_100_mb_reply_streams_through() {
     assert_eq!(got.len(), len);
     assert!(got.iter().all(|&b| b == b'y'));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_unwatch_discard_and_hello2() {
+    let member = RedisServer::start();
+    let proxy = one_member(&member).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    // A watched key changed by another client: EXEC aborts (null), as Redis does.
+    raw.roundtrip(b"WATCH w\r\n", b"+OK\r\n").await;
+    member.query(&["SET", "w", "changed"]);
+    raw.roundtrip(
+        b"MULTI\r\nSET w mine\r\nEXEC\r\n",
+        b"+OK\r\n+QUEUED\r\n*-1\r\n",
+    )
+    .await;
+    raw.roundtrip(b"WATCH w\r\nUNWATCH\r\n", b"+OK\r\n+OK\r\n")
+        .await;
+    member.query(&["SET", "w", "again"]);
+    raw.roundtrip(
+        b"MULTI\r\nSET w mine\r\nEXEC\r\n",
+        b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n",
+    )
+    .await;
+    raw.roundtrip(
+        b"MULTI\r\nINCR w2\r\nDISCARD\r\n",
+        b"+OK\r\n+QUEUED\r\n+OK\r\n",
+    )
+    .await;
+    assert_eq!(member.query(&["EXISTS", "w2"]), Value::Int(0));
+    raw.send(b"HELLO 2 SETNAME two\r\n").await;
+    assert_eq!(raw.read_exact_len(4).await, b"*14\r");
+    let mut rest = Vec::new();
+    while !rest.ends_with(b"*0\r\n") {
+        rest.extend(raw.read_exact_len(1).await);
+    }
+    raw.roundtrip(b"CLIENT GETNAME\r\n", b"$3\r\ntwo\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_messages_arrive_in_order() {
+    let member = RedisServer::start();
+    let proxy = one_member(&member).await;
+    let mut sub = Raw::connect(proxy.addr).await;
+    sub.roundtrip(
+        b"SUBSCRIBE seq\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$3\r\nseq\r\n:1\r\n",
+    )
+    .await;
+    let mut publisher = proxy.connect().await;
+    for i in 0..200 {
+        let _: i64 = publisher.publish("seq", i.to_string()).await.unwrap();
+    }
+    for i in 0..200 {
+        let body = i.to_string();
+        let want = format!(
+            "*3\r\n$7\r\nmessage\r\n$3\r\nseq\r\n${}\r\n{body}\r\n",
+            body.len()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&sub.read_exact_len(want.len()).await),
+            want
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xreadgroup_block_and_brpop() {
+    let member = RedisServer::start();
+    let proxy = one_member(&member).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"XGROUP CREATE s g $ MKSTREAM\r\n", b"+OK\r\n")
+        .await;
+    raw.roundtrip(
+        b"XREADGROUP GROUP g c BLOCK 100 STREAMS s >\r\n",
+        b"*-1\r\n",
+    )
+    .await;
+    raw.send(b"BRPOP l1 l2 0\r\n").await;
+    blocked(&member, "1").await;
+    member.query(&["LPUSH", "l2", "v"]);
+    raw.roundtrip(b"", b"*2\r\n$2\r\nl2\r\n$1\r\nv\r\n").await;
+}

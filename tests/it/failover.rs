@@ -391,3 +391,45 @@ async fn retry_reads_resends_in_flight_reads_but_never_writes() {
     assert_eq!(proxy.metric("geoproxy_retried_reads_total").await, 2.0);
     east.cont();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_session_moves_on_failback_only_after_its_command_returns() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        failback_after: "300ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    east.kill();
+    wait_active(&proxy, "eu-west").await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.send(b"BLPOP q 0\r\n").await;
+    let w = &west;
+    eventually(PATIENCE, "BLPOP blocks on eu-west", || async move {
+        w.info_field("clients", "blocked_clients").as_deref() == Some("1")
+    })
+    .await;
+    east.restart();
+    wait_active(&proxy, "us-east").await;
+    // Still blocked on eu-west, and answered from there.
+    west.query(&["RPUSH", "q", "x"]);
+    raw.roundtrip(b"", b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n").await;
+    // Then it moves.
+    raw.roundtrip(b"SET moved 1\r\n", b"+OK\r\n").await;
+    assert_eq!(east.query(&["EXISTS", "moved"]), Value::Int(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_ends_cleanly_when_its_member_fails() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut monitor = Raw::connect(proxy.addr).await;
+    monitor.roundtrip(b"MONITOR\r\n", b"+OK\r\n").await;
+    east.kill();
+    // The connection is closed (the client reconnects), never fed a partial frame.
+    let rest = monitor.read_to_close().await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(proxy.metric("geoproxy_sessions_lost_total").await, 1.0);
+}
