@@ -142,40 +142,110 @@ fn a_port_in_use_fails_before_serving() {
     );
 }
 
+/// The geoproxy binary in front of one member, serving; killed on drop.
+struct Binary {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Binary {
+    async fn start(member: &RedisServer) -> Binary {
+        let (port, admin) = (free_port(), free_port());
+        let text = config_toml(&[("local", member.addr())], &Options::default())
+            .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
+            .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
+        let config = write_config(&text);
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(config.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start geoproxy");
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "geoproxy answers PING",
+            || async move {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => {
+                        let mut raw = Raw(s);
+                        raw.send(b"PING\r\n").await;
+                        raw.read_exact_len(7).await == b"+PONG\r\n"
+                    }
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        Binary {
+            child,
+            addr,
+            _config: config,
+        }
+    }
+
+    /// Resident memory of the geoproxy process, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("geoproxy is running");
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_a_100_mb_reply_does_not_grow_the_proxy() {
+    let member = RedisServer::start();
+    let chunk = "z".repeat(10 * 1024 * 1024);
+    for _ in 0..10 {
+        member.query(&["APPEND", "huge", &chunk]);
+    }
+    let proxy = Binary::start(&member).await;
+    let before = proxy.rss_kib();
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.send(b"GET huge\r\n").await;
+    // The client reads nothing for a while: the member has sent what the sockets hold,
+    // and the proxy must not have taken the rest into memory. (A bounded wait for
+    // something that must not happen.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stalled = proxy.rss_kib();
+    assert!(
+        stalled < before + 32 * 1024,
+        "RSS grew from {before} KiB to {stalled} KiB while the client did not read"
+    );
+    // Then it reads the whole value.
+    let header = b"$104857600\r\n";
+    assert_eq!(raw.read_exact_len(header.len()).await, header);
+    let body = raw.read_exact_len(100 * 1024 * 1024 + 2).await;
+    assert!(body[..body.len() - 2].iter().all(|&b| b == b'z'));
+    assert!(proxy.rss_kib() < before + 32 * 1024);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_replies_and_exits_zero() {
     let member = RedisServer::start();
-    let (port, admin) = (free_port(), free_port());
-    let text = config_toml(&[("local", member.addr())], &Options::default())
-        .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
-        .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
-    let file = write_config(&text);
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(file.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start geoproxy");
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "geoproxy answers PING",
-        || async move {
-            match tokio::net::TcpStream::connect(addr).await {
-                Ok(s) => {
-                    let mut raw = Raw(s);
-                    raw.send(b"PING\r\n").await;
-                    raw.read_exact_len(7).await == b"+PONG\r\n"
-                }
-                Err(_) => false,
-            }
-        },
-    )
-    .await;
+    let mut proxy = Binary::start(&member).await;
 
     // A blocking command is in flight when SIGTERM arrives; its reply still comes.
-    let mut raw = Raw::connect(addr).await;
+    let mut raw = Raw::connect(proxy.addr).await;
     raw.send(b"BLPOP q 1\r\n").await;
     let member = &member;
     eventually(
@@ -184,20 +254,17 @@ async fn sigterm_drains_in_flight_replies_and_exits_zero() {
         || async move { member.info_field("clients", "blocked_clients").as_deref() == Some("1") },
     )
     .await;
-    let pid = child.id().to_string();
+    let pid = proxy.child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let reply = raw.read_to_close().await;
     assert_eq!(
         reply, b"*-1\r\n",
         "BLPOP timed out normally, then the session closed"
     );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = proxy.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
         "no longer listening"
     );
 }
