@@ -66,6 +66,17 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// A (P|S)(UN)SUBSCRIBE confirmation (an array in RESP2, a push in RESP3).
+    pub fn is_subscription(&self) -> bool {
+        matches!(self.kind, b'*' | b'>')
+            && matches!(
+                &self.head[..self.head_len as usize],
+                b"subscrib" | b"psubscri" | b"ssubscri" | b"unsubscr" | b"punsubsc" | b"sunsubsc"
+            )
+    }
+}
+
 /// Bytes kept of the first element of an array: enough for `pmessage`.
 const HEAD_LEN: usize = 8;
 

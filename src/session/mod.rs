@@ -68,10 +68,11 @@ struct Pending {
     /// Sent while subscribed (or a subscription command): in RESP2, a `message` array
     /// arriving while it is first in line is a message, not its reply.
     pubsub: bool,
+    /// A (P|S)(UN)SUBSCRIBE counted in RESP2 confirmations. If HELLO 3 went ahead of it
+    /// in the same pipeline, its confirmations arrive as pushes and still count.
+    subscription: bool,
     /// State to apply when the member accepts the command.
     change: Option<Change>,
-    /// For a blocking command: how long it may legitimately wait (`None` = forever).
-    block: Option<Option<Duration>>,
     /// A read-only command's bytes, kept (with `retry_reads`) to re-send if its member
     /// fails before answering.
     retry: Option<Bytes>,
@@ -540,8 +541,8 @@ impl Session {
         let mut pending = Pending {
             owed: 1,
             pubsub: false,
+            subscription: false,
             change: None,
-            block: None,
             retry,
         };
         // CLIENT REPLY OFF/SKIP: the member will not answer, so no reply is owed.
@@ -579,18 +580,14 @@ impl Session {
             }
             Kind::Watch if !self.multi => self.watching = true,
             Kind::Unwatch if !self.multi => self.watching = false,
-            Kind::Blocking(how) if !self.multi => {
-                pending.block = block_timeout(how, args);
-                match pending.block {
-                    Some(Some(d)) => {
-                        let until = Instant::now() + d;
-                        self.blocked_until =
-                            Some(self.blocked_until.map_or(until, |u| u.max(until)));
-                    }
-                    Some(None) => self.blocked_forever = true,
-                    None => {}
+            Kind::Blocking(how) if !self.multi => match block_timeout(how, args) {
+                Some(Some(d)) => {
+                    let until = Instant::now() + d;
+                    self.blocked_until = Some(self.blocked_until.map_or(until, |u| u.max(until)));
                 }
-            }
+                Some(None) => self.blocked_forever = true,
+                None => {}
+            },
             Kind::Subscribe(sub) if !self.multi => {
                 let names = args.get(1..).unwrap_or_default();
                 // RESP2: one confirmation per name (no name: an error); RESP3: pushes.
@@ -601,6 +598,7 @@ impl Session {
                 };
                 self.state.subscribe(sub, names);
                 pending.pubsub = true;
+                pending.subscription = true;
             }
             Kind::Unsubscribe(sub) if !self.multi => {
                 let names = args.get(1..).unwrap_or_default();
@@ -614,6 +612,7 @@ impl Session {
                 };
                 self.state.unsubscribe(sub, names);
                 pending.pubsub = true;
+                pending.subscription = true;
             }
             Kind::Monitor if !self.multi => {
                 // Replies are no longer counted from here on (nor timed).
@@ -758,7 +757,12 @@ impl Session {
         let mut unexpected = false;
         let consumed = reply_scanner
             .scan(replies, |reply| {
-                if *passthrough || reply.is_push() || reply.is_attribute() {
+                if *passthrough || reply.is_attribute() {
+                    return;
+                }
+                let confirms =
+                    reply.is_subscription() && pending.front().is_some_and(|p| p.subscription);
+                if reply.is_push() && !confirms {
                     return;
                 }
                 // RESP2 pub/sub messages look like replies: only the context tells them apart.

@@ -324,3 +324,23 @@ async fn resp2_tracking_with_redirect_passes_through() {
     let msg = b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n";
     assert_eq!(sink.read_exact_len(msg.len()).await, msg);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello3_and_subscribe_in_one_pipeline() {
+    let member = RedisServer::start();
+    let options = Options {
+        reply_timeout: "300ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let mut c = Raw::connect(proxy.addr).await;
+    c.send(b"HELLO 3\r\nSUBSCRIBE a\r\n").await;
+    let confirm = b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n";
+    let mut got = Vec::new();
+    while !got.ends_with(confirm) {
+        got.extend(c.read_exact_len(1).await);
+    }
+    // Nothing is left owed: past reply_timeout the session is still fine.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+}
