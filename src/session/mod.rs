@@ -818,8 +818,13 @@ impl Session {
         let idle = self.pending.is_empty() && !self.multi && !self.watching && !self.passthrough;
         if idle && signal == Signal::ConnectionLost {
             // Nothing was owed: an idle connection closed (the member's `timeout`, CLIENT
-            // KILL). Reconnect quietly; a dead member shows on that connect.
+            // KILL). Reconnect quietly; a dead member shows on that connect. Tracking that
+            // redirects to another connection's id cannot follow: close, as on a failure.
             debug!(member = %id, why, "idle upstream closed");
+            if self.state.tracking_redirected() {
+                self.ctx.metrics.sessions_lost.inc();
+                return Err(SessionError::Unrecoverable(id));
+            }
             self.detach();
             return Ok(());
         }
