@@ -29,9 +29,9 @@ pub const DEFAULT_UNAVAILABLE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default for `proxy.shutdown_timeout`: how long in-flight replies may take after SIGTERM.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default for `proxy.threads`: one thread. Measured on two cores, a single-threaded
-/// runtime forwards as fast as a multi-threaded one for less CPU (benches/README.md).
-pub const DEFAULT_THREADS: usize = 1;
+/// Default for `proxy.threads`: 0, one worker per core, as HAProxy does. A worker that
+/// has no traffic costs nothing; set 1 to keep a sidecar on one core.
+pub const DEFAULT_THREADS: usize = 0;
 /// Default for `health.interval` (time between two PING checks of one member).
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for `health.timeout` (a check not answered within it has failed).
@@ -100,8 +100,9 @@ pub struct ProxyConfig {
     pub unavailable_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
-    /// Runtime threads: 1 = a single-threaded runtime (the default: a sidecar should not
-    /// take every core, and one thread avoids cross-thread wake-ups); 0 = one per core.
+    /// Worker threads, each a single-threaded runtime with its own listening socket on the
+    /// same port (SO_REUSEPORT), serving the sessions it accepted (0 in the file = one per
+    /// core, resolved here).
     pub threads: usize,
 }
 
@@ -467,7 +468,10 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             unavailable_timeout,
             connect_timeout,
             shutdown_timeout,
-            threads: p.threads.unwrap_or(DEFAULT_THREADS),
+            threads: match p.threads.unwrap_or(DEFAULT_THREADS) {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
         },
         admin: AdminConfig {
             listen: admin_listen,

@@ -35,7 +35,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +68,14 @@ impl Server {
                 io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
             })
         };
-        let listener = bind(config.proxy.listen, "proxy.listen").await?;
+        let shared = config.proxy.threads > 1;
+        let listener = listen(config.proxy.listen, shared).map_err(|e| {
+            let addr = config.proxy.listen;
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (proxy.listen): {e}"),
+            )
+        })?;
         let admin = bind(config.admin.listen, "admin.listen").await?;
         let metrics = Metrics::new(prometheus::Registry::new());
         Ok(Server {
@@ -146,11 +153,40 @@ impl Server {
             retry_reads: config.failover.retry_reads,
         });
         let sessions = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(config.proxy.max_clients));
+        // Workers 1..n: one thread each, a single-threaded runtime, and their own socket
+        // on the same port (SO_REUSEPORT: the kernel spreads new connections).
+        let mut workers = Vec::new();
+        let addr = listener.local_addr().unwrap_or(config.proxy.listen);
+        for n in 1..config.proxy.threads.max(1) {
+            let listener = match listen(addr, true) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, worker = n, "cannot open another listener; fewer workers");
+                    break;
+                }
+            };
+            let worker = Listener {
+                listener,
+                ctx: ctx.clone(),
+                route: route_rx.clone(),
+                limit: limit.clone(),
+                sessions: TaskTracker::new(),
+            };
+            let (shutdown, drain) = (shutdown.clone(), config.proxy.shutdown_timeout);
+            let spawned = std::thread::Builder::new()
+                .name(format!("geoproxy-worker-{n}"))
+                .spawn(move || worker.run_on_own_runtime(shutdown, drain));
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(e) => warn!(error = %e, worker = n, "cannot start a worker thread"),
+            }
+        }
         let listener = Listener {
             listener,
             ctx,
             route: route_rx,
-            limit: Arc::new(Semaphore::new(config.proxy.max_clients)),
+            limit,
             sessions: sessions.clone(),
         };
         info!(
@@ -161,7 +197,8 @@ impl Server {
         );
         listener.run(shutdown.clone()).await;
 
-        // Shutdown: not ready, no new clients; sessions drain what they owe.
+        // Shutdown: not ready, no new clients; sessions drain what they owe (the workers
+        // drain theirs on their own threads).
         serving.store(false, Ordering::Relaxed);
         sessions.close();
         let open = sessions.len();
@@ -177,9 +214,30 @@ impl Server {
                 "shutdown timeout: closing remaining sessions"
             );
         }
+        for worker in workers {
+            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        }
         stop_control.cancel();
         control.close();
         control.wait().await;
         info!("geoproxy stopped");
     }
 }
+
+/// A listening socket with Redis's backlog; `shared` lets this process's other workers
+/// listen on the same port (SO_REUSEPORT). Not shared with one worker, so that a port
+/// already taken is an error, never a silent split of the traffic.
+fn listen(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(shared)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Redis's default `tcp-backlog`.
+const LISTEN_BACKLOG: u32 = 511;

@@ -29,6 +29,27 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Runs this listener on a single-threaded runtime of its own (a worker thread), then
+    /// drains its sessions for up to `drain`.
+    pub fn run_on_own_runtime(self, shutdown: CancellationToken, drain: Duration) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot start a worker runtime");
+                return;
+            }
+        };
+        let sessions = self.sessions.clone();
+        runtime.block_on(async move {
+            self.run(shutdown).await;
+            sessions.close();
+            let _ = tokio::time::timeout(drain, sessions.wait()).await;
+        });
+    }
+
     /// Accepts clients until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(5);

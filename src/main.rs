@@ -50,17 +50,9 @@ fn main() -> ExitCode {
         subscriber.init();
     }
 
-    // One thread: a current-thread runtime (no cross-thread wake-ups); otherwise a
-    // multi-thread runtime with that many workers (0 = one per core).
-    let mut runtime = match config.proxy.threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-    };
+    // This thread runs the control path and the first worker; `Server::run` starts the
+    // others, each with a single-threaded runtime of its own.
+    let mut runtime = tokio::runtime::Builder::new_current_thread();
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -152,7 +152,12 @@ struct Binary {
 impl Binary {
     async fn start(member: &RedisServer) -> Binary {
         let (port, admin) = (free_port(), free_port());
-        let text = config_toml(&[("local", member.addr())], &Options::default())
+        // threads = 0: one worker per core, the binary's default.
+        let options = Options {
+            threads: 0,
+            ..Options::default()
+        };
+        let text = config_toml(&[("local", member.addr())], &options)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
         let config = write_config(&text);
@@ -244,23 +249,30 @@ async fn sigterm_drains_in_flight_replies_and_exits_zero() {
     let member = RedisServer::start();
     let mut proxy = Binary::start(&member).await;
 
-    // A blocking command is in flight when SIGTERM arrives; its reply still comes.
-    let mut raw = Raw::connect(proxy.addr).await;
-    raw.send(b"BLPOP q 1\r\n").await;
+    // Blocking commands are in flight when SIGTERM arrives, on every worker (six
+    // connections spread by the kernel); their replies still come.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut raw = Raw::connect(proxy.addr).await;
+        raw.send(b"BLPOP q 1\r\n").await;
+        clients.push(raw);
+    }
     let member = &member;
     eventually(
         Duration::from_secs(5),
-        "BLPOP is blocked on the member",
-        || async move { member.info_field("clients", "blocked_clients").as_deref() == Some("1") },
+        "six BLPOPs blocked on the member",
+        || async move { member.info_field("clients", "blocked_clients").as_deref() == Some("6") },
     )
     .await;
     let pid = proxy.child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let reply = raw.read_to_close().await;
-    assert_eq!(
-        reply, b"*-1\r\n",
-        "BLPOP timed out normally, then the session closed"
-    );
+    for raw in &mut clients {
+        let reply = raw.read_to_close().await;
+        assert_eq!(
+            reply, b"*-1\r\n",
+            "BLPOP timed out normally, then the session closed"
+        );
+    }
     let status = proxy.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(

@@ -433,3 +433,31 @@ async fn monitor_ends_cleanly_when_its_member_fails() {
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     assert_eq!(proxy.metric("geoproxy_sessions_lost_total").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_share_the_port_and_fail_over_together() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        threads: 3,
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let mut clients = Vec::new();
+    for i in 0..24 {
+        let mut raw = Raw::connect(proxy.addr).await;
+        raw.roundtrip(format!("SET k{i} east\r\n").as_bytes(), b"+OK\r\n")
+            .await;
+        clients.push(raw);
+    }
+    // The kernel spread them over the workers: every one reached the member.
+    assert_eq!(east.query(&["DBSIZE"]), Value::Int(24));
+    east.kill();
+    for (i, raw) in clients.iter_mut().enumerate() {
+        raw.roundtrip(format!("SET k{i} west\r\n").as_bytes(), b"+OK\r\n")
+            .await;
+    }
+    assert_eq!(west.query(&["DBSIZE"]), Value::Int(24));
+    assert_eq!(proxy.metric("geoproxy_sessions_open").await, 24.0);
+    proxy.stop().await;
+}

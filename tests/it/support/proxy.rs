@@ -26,6 +26,8 @@ pub struct Options {
     /// The password health checks use on every member.
     pub password: Option<&'static str>,
     pub retry_reads: bool,
+    /// `proxy.threads`: 1 serves on the test's runtime; more start worker threads.
+    pub threads: usize,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
             region: None,
             password: None,
             retry_reads: false,
+            threads: 1,
         }
     }
 }
@@ -56,6 +59,7 @@ reply_timeout = "{reply}"
 unavailable_timeout = "{unavail}"
 connect_timeout = "500ms"
 shutdown_timeout = "2s"
+threads = {threads}
 {region}
 [admin]
 listen = "127.0.0.1:0"
@@ -82,6 +86,7 @@ retry_reads = {retry_reads}
         failback = o.failback,
         after = o.failback_after,
         retry_reads = o.retry_reads,
+        threads = o.threads,
     );
     for (id, addr) in members {
         t.push_str(&format!(
