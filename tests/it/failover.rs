@@ -7,14 +7,10 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, ErrorKind, RedisError, Value};
 
 use crate::support::eventually;
-use crate::support::proxy::{Options, Proxy, Raw};
+use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
 
 const PATIENCE: Duration = Duration::from_secs(10);
-
-fn two(east: &RedisServer, west: &RedisServer) -> Vec<(&'static str, String)> {
-    vec![("us-east", east.addr()), ("eu-west", west.addr())]
-}
 
 /// An error that proves the client connection itself broke (not a reply from the proxy).
 fn is_disconnect(e: &RedisError) -> bool {
@@ -38,13 +34,6 @@ async fn set_until_ok(c: &mut MultiplexedConnection, key: &str) -> Vec<String> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn wait_active(proxy: &Proxy, member: &str) {
-    eventually(PATIENCE, &format!("{member} is active"), || async {
-        proxy.active_member().await.as_deref() == Some(member)
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,12 +6,8 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::support::eventually;
-use crate::support::proxy::{Options, Proxy, Raw};
+use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
-
-fn two(east: &RedisServer, west: &RedisServer) -> Vec<(&'static str, String)> {
-    vec![("us-east", east.addr()), ("eu-west", west.addr())]
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_commands_are_exempt_from_reply_timeout() {
@@ -77,10 +73,7 @@ async fn a_member_failing_inside_multi_aborts_the_transaction() {
     raw.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
     raw.roundtrip(b"INCR t\r\n", b"+QUEUED\r\n").await;
     east.kill();
-    eventually(Duration::from_secs(10), "failover", || async {
-        proxy.active_member().await.as_deref() == Some("eu-west")
-    })
-    .await;
+    wait_active(&proxy, "eu-west").await;
     // The queued INCR died with us-east: more commands are refused, EXEC fails.
     raw.roundtrip(
         b"INCR t\r\n",
@@ -105,10 +98,7 @@ async fn a_lost_watch_aborts_exec_like_a_changed_key() {
     let mut raw = Raw::connect(proxy.addr).await;
     raw.roundtrip(b"WATCH w\r\n", b"+OK\r\n").await;
     east.kill();
-    eventually(Duration::from_secs(10), "failover", || async {
-        proxy.active_member().await.as_deref() == Some("eu-west")
-    })
-    .await;
+    wait_active(&proxy, "eu-west").await;
     // Reads between WATCH and MULTI still work (on eu-west)...
     raw.roundtrip(b"GET w\r\n", b"$-1\r\n").await;
     // ...but the transaction must not run unguarded: EXEC answers null, as Redis does when
@@ -133,10 +123,7 @@ async fn a_transaction_finishes_before_its_session_moves_and_subscribers_follow(
     };
     let proxy = Proxy::start(&two(&east, &west), options).await;
     east.kill();
-    eventually(Duration::from_secs(10), "failover", || async {
-        proxy.active_member().await.as_deref() == Some("eu-west")
-    })
-    .await;
+    wait_active(&proxy, "eu-west").await;
     let mut txn = Raw::connect(proxy.addr).await;
     txn.roundtrip(b"MULTI\r\n", b"+OK\r\n").await;
     txn.roundtrip(b"SET x 1\r\n", b"+QUEUED\r\n").await;
@@ -148,10 +135,7 @@ async fn a_transaction_finishes_before_its_session_moves_and_subscribers_follow(
     .await;
 
     east.restart();
-    eventually(Duration::from_secs(10), "failback", || async {
-        proxy.active_member().await.as_deref() == Some("us-east")
-    })
-    .await;
+    wait_active(&proxy, "us-east").await;
     // The transaction finishes where it started, then the session follows the route.
     txn.roundtrip(b"EXEC\r\n", b"*1\r\n+OK\r\n").await;
     assert_eq!(west.query(&["GET", "x"]), Value::BulkString(b"1".to_vec()));
@@ -221,11 +205,7 @@ async fn resp3_subscribers_get_pushes_and_can_run_commands() {
     let member = RedisServer::start();
     let proxy = Proxy::start(&[("local", member.addr())], Options::default()).await;
     let mut c = Raw::connect(proxy.addr).await;
-    c.send(b"HELLO 3\r\n").await;
-    let mut hello = Vec::new();
-    while !hello.ends_with(b"*0\r\n") {
-        hello.extend(c.read_exact_len(1).await);
-    }
+    hello3(&mut c).await;
     c.roundtrip(
         b"SUBSCRIBE a\r\nSET k v\r\nGET k\r\n",
         b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n+OK\r\n$1\r\nv\r\n",

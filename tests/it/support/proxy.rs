@@ -201,6 +201,24 @@ impl Drop for Proxy {
     }
 }
 
+/// The usual two members, in preference order: us-east, then eu-west.
+pub fn two(
+    east: &super::redis_server::RedisServer,
+    west: &super::redis_server::RedisServer,
+) -> Vec<(&'static str, String)> {
+    vec![("us-east", east.addr()), ("eu-west", west.addr())]
+}
+
+/// Waits (10 s at most) until `member` is the active member.
+pub async fn wait_active(proxy: &Proxy, member: &str) {
+    super::eventually(
+        Duration::from_secs(10),
+        &format!("{member} is active"),
+        || async { proxy.active_member().await.as_deref() == Some(member) },
+    )
+    .await;
+}
+
 pub async fn connect(url: &str) -> MultiplexedConnection {
     let config = AsyncConnectionConfig::new().set_response_timeout(None);
     redis::Client::open(url)
