@@ -25,15 +25,8 @@ die() {
     exit 1
 }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root (or sudo) to run: $*"
-    fi
-}
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # --- tools ----------------------------------------------------------------------------------
 missing=()
@@ -42,11 +35,7 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
     say "demo.sh: installing ${missing[*]} with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get update
-    as_root apt-get install -y "${missing[@]}"
-    # Do not leave a system redis-server holding port 6379.
-    as_root service redis-server stop 2>/dev/null || true
+    apt_install "${missing[@]}"
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH; install Rust (https://rustup.rs) first"
 

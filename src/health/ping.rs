@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use crate::config::MemberConfig;
 use crate::resp::request::encode_command;
 use crate::resp::table::CommandTable;
-use crate::upstream::{connect, error_line, read_reply, UpstreamError};
+use crate::upstream::{connect, error_line, read_reply};
 
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 const COMMAND: &[u8] = b"*1\r\n$7\r\nCOMMAND\r\n";
@@ -39,7 +39,9 @@ impl PingCheck {
         };
         let result = async {
             conn.write_all(COMMAND).await.map_err(|e| e.to_string())?;
-            let reply = read_reply(conn, &mut self.buf).await.map_err(describe)?;
+            let reply = read_reply(conn, &mut self.buf)
+                .await
+                .map_err(|e| e.to_string())?;
             CommandTable::parse(&reply)
                 .ok_or_else(|| format!("COMMAND answered: {}", error_line(&reply)))
         }
@@ -68,7 +70,9 @@ impl PingCheck {
                     let mut auth = Vec::new();
                     encode_command(&args, &mut auth);
                     c.write_all(&auth).await.map_err(|e| e.to_string())?;
-                    let reply = read_reply(&mut c, &mut self.buf).await.map_err(describe)?;
+                    let reply = read_reply(&mut c, &mut self.buf)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     if reply.first() != Some(&b'+') {
                         return Err(format!("AUTH failed: {}", error_line(&reply)));
                     }
@@ -77,7 +81,9 @@ impl PingCheck {
             }
         };
         conn.write_all(PING).await.map_err(|e| e.to_string())?;
-        let reply = read_reply(conn, &mut self.buf).await.map_err(describe)?;
+        let reply = read_reply(conn, &mut self.buf)
+            .await
+            .map_err(|e| e.to_string())?;
         // `+PONG`; a member still loading its data answers `-LOADING ...`.
         if reply.starts_with(b"+PONG") {
             Ok(())
@@ -85,8 +91,4 @@ impl PingCheck {
             Err(format!("PING answered: {}", error_line(&reply)))
         }
     }
-}
-
-fn describe(e: UpstreamError) -> String {
-    e.to_string()
 }

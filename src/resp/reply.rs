@@ -58,22 +58,24 @@ impl Reply {
     /// A pub/sub message (`message`, `pmessage`, `smessage`): an array in RESP2, a push in
     /// RESP3. In RESP2 only a subscribed connection's context tells it from a reply.
     pub fn is_message(&self) -> bool {
-        matches!(self.kind, b'*' | b'>')
-            && matches!(
-                &self.head[..self.head_len as usize],
-                b"message" | b"pmessage" | b"smessage"
-            )
+        matches!(self.head(), b"message" | b"pmessage" | b"smessage")
     }
-}
 
-impl Reply {
-    /// A (P|S)(UN)SUBSCRIBE confirmation (an array in RESP2, a push in RESP3).
+    /// A (P|S)(UN)SUBSCRIBE confirmation (an array in RESP2, a push in RESP3). The head is
+    /// cut at [`HEAD_LEN`] bytes.
     pub fn is_subscription(&self) -> bool {
-        matches!(self.kind, b'*' | b'>')
-            && matches!(
-                &self.head[..self.head_len as usize],
-                b"subscrib" | b"psubscri" | b"ssubscri" | b"unsubscr" | b"punsubsc" | b"sunsubsc"
-            )
+        matches!(
+            self.head(),
+            b"subscrib" | b"psubscri" | b"ssubscri" | b"unsubscr" | b"punsubsc" | b"sunsubsc"
+        )
+    }
+
+    /// The first bytes of an array's or push's first element, if that is a bulk string.
+    fn head(&self) -> &[u8] {
+        match self.kind {
+            b'*' | b'>' => &self.head[..self.head_len as usize],
+            _ => &[],
+        }
     }
 }
 

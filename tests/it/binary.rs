@@ -5,10 +5,10 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::eventually;
 use crate::support::free_port;
 use crate::support::proxy::{config_toml, Options, Raw};
 use crate::support::redis_server::RedisServer;
+use crate::support::{eventually, wait_blocked};
 
 const BIN: &str = env!("CARGO_BIN_EXE_geoproxy");
 
@@ -257,13 +257,7 @@ async fn sigterm_drains_in_flight_replies_and_exits_zero() {
         raw.send(b"BLPOP q 1\r\n").await;
         clients.push(raw);
     }
-    let member = &member;
-    eventually(
-        Duration::from_secs(5),
-        "six BLPOPs blocked on the member",
-        || async move { member.info_field("clients", "blocked_clients").as_deref() == Some("6") },
-    )
-    .await;
+    wait_blocked(&member, 6).await;
     let pid = proxy.child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     for raw in &mut clients {

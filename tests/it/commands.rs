@@ -1,31 +1,16 @@
 //! The rest of Redis's command surface through geoproxy, no switch: blocking commands,
 //! HELLO with AUTH and SETNAME, RESET, QUIT, MONITOR, functions, large replies.
 
-use std::time::Duration;
-
 use redis::{AsyncCommands, Value};
 
-use crate::support::eventually;
 use crate::support::proxy::{Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
-
-async fn one_member(member: &RedisServer) -> Proxy {
-    Proxy::start(&[("local", member.addr())], Options::default()).await
-}
-
-async fn blocked(member: &RedisServer, n: &str) {
-    eventually(
-        Duration::from_secs(5),
-        &format!("{n} blocked client(s)"),
-        || async { member.info_field("clients", "blocked_clients").as_deref() == Some(n) },
-    )
-    .await;
-}
+use crate::support::wait_blocked;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_commands_timeouts_and_client_unblock() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.roundtrip(b"BLMOVE src dst LEFT RIGHT 0.2\r\n", b"*-1\r\n")
         .await;
@@ -36,13 +21,11 @@ async fn blocking_commands_timeouts_and_client_unblock() {
 
     // Blocked forever, then unblocked by CLIENT UNBLOCK from another connection.
     raw.roundtrip(b"CLIENT ID\r\n", b":").await;
-    let mut id = Vec::new();
-    while !id.ends_with(b"\r\n") {
-        id.extend(raw.read_exact_len(1).await);
-    }
-    let id = String::from_utf8_lossy(&id).trim().to_string();
+    let id = String::from_utf8_lossy(&raw.read_until(b"\r\n").await)
+        .trim()
+        .to_string();
     raw.send(b"BLPOP q 0\r\n").await;
-    blocked(&member, "1").await;
+    wait_blocked(&member, 1).await;
     // Through the proxy the id is the upstream's, as the client itself saw it.
     let mut other = proxy.connect().await;
     let unblocked: i64 = redis::cmd("CLIENT")
@@ -72,11 +55,7 @@ async fn hello_with_auth_and_setname_reset_and_quit() {
     };
     let proxy = Proxy::start(&[("local", member.addr())], options).await;
     let mut raw = Raw::connect(proxy.addr).await;
-    raw.send(b"HELLO 3 AUTH default pw SETNAME app\r\n").await;
-    let mut hello = Vec::new();
-    while !hello.ends_with(b"*0\r\n") {
-        hello.extend(raw.read_exact_len(1).await);
-    }
+    let hello = raw.hello("3 AUTH default pw SETNAME app").await;
     assert!(
         hello.starts_with(b"%7\r\n"),
         "{}",
@@ -88,10 +67,7 @@ async fn hello_with_auth_and_setname_reset_and_quit() {
     raw.roundtrip(b"RESET\r\n", b"+RESET\r\n").await;
     raw.send(b"CLIENT GETNAME\r\n").await;
     assert_eq!(raw.read_exact_len(7).await, b"-NOAUTH");
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"\r\n") {
-        rest.extend(raw.read_exact_len(1).await);
-    }
+    raw.read_until(b"\r\n").await;
     raw.roundtrip(b"AUTH pw\r\n", b"+OK\r\n").await;
     raw.roundtrip(b"CLIENT GETNAME\r\n", b"$-1\r\n").await;
     // QUIT: +OK, then the connection closes.
@@ -102,7 +78,7 @@ async fn hello_with_auth_and_setname_reset_and_quit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_streams_what_the_member_runs() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut monitor = Raw::connect(proxy.addr).await;
     monitor.roundtrip(b"MONITOR\r\n", b"+OK\r\n").await;
     let mut c = proxy.connect().await;
@@ -116,7 +92,7 @@ async fn monitor_streams_what_the_member_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_functions_and_admin_commands_pass_through() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut c = proxy.connect().await;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
@@ -175,7 +151,7 @@ async fn scripts_functions_and_admin_commands_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_reply_streams_through() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     // Build the value on the member itself (APPEND 10 x 10 MB), then read it through.
     let chunk = "y".repeat(10 * 1024 * 1024);
     let mut c = proxy.connect().await;
@@ -192,7 +168,7 @@ async fn a_100_mb_reply_streams_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_unwatch_discard_and_hello2() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut raw = Raw::connect(proxy.addr).await;
     // A watched key changed by another client: EXEC aborts (null), as Redis does.
     raw.roundtrip(b"WATCH w\r\n", b"+OK\r\n").await;
@@ -216,19 +192,14 @@ async fn watch_unwatch_discard_and_hello2() {
     )
     .await;
     assert_eq!(member.query(&["EXISTS", "w2"]), Value::Int(0));
-    raw.send(b"HELLO 2 SETNAME two\r\n").await;
-    assert_eq!(raw.read_exact_len(4).await, b"*14\r");
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"*0\r\n") {
-        rest.extend(raw.read_exact_len(1).await);
-    }
+    assert!(raw.hello("2 SETNAME two").await.starts_with(b"*14\r\n"));
     raw.roundtrip(b"CLIENT GETNAME\r\n", b"$3\r\ntwo\r\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_messages_arrive_in_order() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut sub = Raw::connect(proxy.addr).await;
     sub.roundtrip(
         b"SUBSCRIBE seq\r\n",
@@ -255,7 +226,7 @@ async fn pubsub_messages_arrive_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xreadgroup_block_and_brpop() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.roundtrip(b"XGROUP CREATE s g $ MKSTREAM\r\n", b"+OK\r\n")
         .await;
@@ -265,7 +236,7 @@ async fn xreadgroup_block_and_brpop() {
     )
     .await;
     raw.send(b"BRPOP l1 l2 0\r\n").await;
-    blocked(&member, "1").await;
+    wait_blocked(&member, 1).await;
     member.query(&["LPUSH", "l2", "v"]);
     raw.roundtrip(b"", b"*2\r\n$2\r\nl2\r\n$1\r\nv\r\n").await;
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, ErrorKind, RedisError, Value};
 
-use crate::support::eventually;
 use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
+use crate::support::{eventually, wait_blocked};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -278,7 +278,6 @@ async fn state_changed_inside_multi_is_replayed_only_if_exec_ran() {
     .await;
     // A WATCHed transaction that does not run changes nothing.
     raw.roundtrip(b"WATCH w\r\n", b"+OK\r\n").await;
-    east.query(&["SELECT", "4"]); // (a separate connection: does not touch w in db 4)
     east.query(&[
         "EVAL",
         "redis.call('SELECT', 4) redis.call('SET', 'w', 1)",
@@ -307,22 +306,14 @@ async fn a_blocked_command_gets_an_error_when_its_member_dies_and_the_session_mo
     let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.send(b"BLPOP jobs 0\r\n").await;
-    let e = &east;
-    eventually(PATIENCE, "BLPOP blocks on us-east", || async move {
-        e.info_field("clients", "blocked_clients").as_deref() == Some("1")
-    })
-    .await;
+    wait_blocked(&east, 1).await;
     east.kill();
     let err = "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (connection lost); \
                the command may or may not have run and was not retried\r\n";
     assert_eq!(raw.read_exact_len(err.len()).await, err.as_bytes());
     // The client blocks again; now on eu-west, where a push wakes it.
     raw.send(b"BLPOP jobs 0\r\n").await;
-    let w = &west;
-    eventually(PATIENCE, "BLPOP blocks on eu-west", || async move {
-        w.info_field("clients", "blocked_clients").as_deref() == Some("1")
-    })
-    .await;
+    wait_blocked(&west, 1).await;
     west.query(&["RPUSH", "jobs", "j1"]);
     raw.roundtrip(b"", b"*2\r\n$4\r\njobs\r\n$2\r\nj1\r\n")
         .await;
@@ -394,11 +385,7 @@ async fn a_blocked_session_moves_on_failback_only_after_its_command_returns() {
     wait_active(&proxy, "eu-west").await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.send(b"BLPOP q 0\r\n").await;
-    let w = &west;
-    eventually(PATIENCE, "BLPOP blocks on eu-west", || async move {
-        w.info_field("clients", "blocked_clients").as_deref() == Some("1")
-    })
-    .await;
+    wait_blocked(&west, 1).await;
     east.restart();
     wait_active(&proxy, "us-east").await;
     // Still blocked on eu-west, and answered from there.

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::support::eventually;
 use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
+use crate::support::{eventually, wait_blocked};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_commands_are_exempt_from_reply_timeout() {
@@ -22,12 +22,7 @@ async fn blocking_commands_are_exempt_from_reply_timeout() {
     raw.roundtrip(b"BLPOP q 1\r\n", b"*-1\r\n").await;
     // Pushed while blocked: the reply comes through.
     raw.send(b"BLPOP q 0\r\n").await;
-    eventually(
-        Duration::from_secs(5),
-        "BLPOP blocks on the member",
-        || async { member.info_field("clients", "blocked_clients").as_deref() == Some("1") },
-    )
-    .await;
+    wait_blocked(&member, 1).await;
     member.query(&["RPUSH", "q", "job"]);
     let want = b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n";
     assert_eq!(raw.read_exact_len(want.len()).await, want);
@@ -53,10 +48,7 @@ async fn multi_exec_through_the_proxy() {
     raw.send(b"NOSUCHCOMMAND\r\n").await;
     let e = raw.read_exact_len(4).await;
     assert_eq!(&e, b"-ERR");
-    let mut line = Vec::new();
-    while !line.ends_with(b"\r\n") {
-        line.extend(raw.read_exact_len(1).await);
-    }
+    raw.read_until(b"\r\n").await;
     raw.roundtrip(
         b"EXEC\r\n",
         b"-EXECABORT Transaction discarded because of previous errors.\r\n",
@@ -205,7 +197,7 @@ async fn resp3_subscribers_get_pushes_and_can_run_commands() {
     let member = RedisServer::start();
     let proxy = Proxy::start(&[("local", member.addr())], Options::default()).await;
     let mut c = Raw::connect(proxy.addr).await;
-    hello3(&mut c).await;
+    c.hello("3").await;
     c.roundtrip(
         b"SUBSCRIBE a\r\nSET k v\r\nGET k\r\n",
         b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n+OK\r\n$1\r\nv\r\n",
@@ -244,22 +236,13 @@ async fn a_subscriber_is_not_timed_out_while_waiting_for_messages() {
     );
 }
 
-/// Reads one RESP3 HELLO reply (a map ending with the `modules` empty array).
-async fn hello3(c: &mut Raw) {
-    c.send(b"HELLO 3\r\n").await;
-    let mut hello = Vec::new();
-    while !hello.ends_with(b"*0\r\n") {
-        hello.extend(c.read_exact_len(1).await);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_tracking_moves_and_the_client_is_told_to_flush() {
     let mut east = RedisServer::start();
     let west = RedisServer::start();
     let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
     let mut c = Raw::connect(proxy.addr).await;
-    hello3(&mut c).await;
+    c.hello("3").await;
     c.roundtrip(b"CLIENT TRACKING ON\r\n", b"+OK\r\n").await;
     c.roundtrip(b"GET k\r\n", b"_\r\n").await;
     east.query(&["SET", "k", "1"]);
@@ -283,10 +266,7 @@ async fn resp2_tracking_with_redirect_passes_through() {
     let proxy = Proxy::start(&[("local", member.addr())], Options::default()).await;
     let mut sink = Raw::connect(proxy.addr).await;
     sink.send(b"CLIENT ID\r\n").await;
-    let mut id = Vec::new();
-    while !id.ends_with(b"\r\n") {
-        id.extend(sink.read_exact_len(1).await);
-    }
+    let id = sink.read_until(b"\r\n").await;
     let id = String::from_utf8_lossy(&id[1..id.len() - 2]).to_string();
     sink.roundtrip(
         b"SUBSCRIBE __redis__:invalidate\r\n",
@@ -316,10 +296,7 @@ async fn hello3_and_subscribe_in_one_pipeline() {
     let mut c = Raw::connect(proxy.addr).await;
     c.send(b"HELLO 3\r\nSUBSCRIBE a\r\n").await;
     let confirm = b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n";
-    let mut got = Vec::new();
-    while !got.ends_with(confirm) {
-        got.extend(c.read_exact_len(1).await);
-    }
+    c.read_until(confirm).await;
     // Nothing is left owed: past reply_timeout the session is still fine.
     tokio::time::sleep(Duration::from_millis(600)).await;
     c.roundtrip(b"PING\r\n", b"+PONG\r\n").await;

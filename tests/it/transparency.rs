@@ -7,14 +7,10 @@ use redis::{AsyncCommands, Value};
 use crate::support::proxy::{connect, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
 
-async fn one_member(member: &RedisServer) -> Proxy {
-    Proxy::start(&[("local", member.addr())], Options::default()).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_types_scripts_and_streams() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut c = proxy.connect().await;
 
     let _: () = c.set("s", "v").await.unwrap();
@@ -61,7 +57,7 @@ async fn data_types_scripts_and_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_of_1000_and_a_10_mb_value() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut c = proxy.connect().await;
 
     let mut pipe = redis::pipe();
@@ -116,10 +112,7 @@ async fn select_auth_and_hello3() {
     let hello = raw.read_exact_len(1).await;
     assert_eq!(&hello, b"%", "HELLO 3 answers a RESP3 map");
     // Drain the map, then a RESP3-only reply type proves the protocol switched.
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"*0\r\n") {
-        rest.extend(raw.read_exact_len(1).await);
-    }
+    raw.read_until(b"*0\r\n").await;
     raw.roundtrip(b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n", b"+OK\r\n")
         .await;
     raw.roundtrip(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"$7\r\nin db 3\r\n")
@@ -131,7 +124,7 @@ async fn select_auth_and_hello3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inline_commands_and_empty_lines() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
     raw.roundtrip(b"\r\nset greeting \"hello world\"\r\n", b"+OK\r\n")
@@ -149,7 +142,7 @@ async fn inline_commands_and_empty_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_resp_gets_redis_protocol_error_and_others_are_untouched() {
     let member = RedisServer::start();
-    let proxy = one_member(&member).await;
+    let proxy = Proxy::one_member(&member).await;
     let mut bystander = proxy.connect().await;
 
     let mut raw = Raw::connect(proxy.addr).await;

@@ -34,6 +34,19 @@ where
     }
 }
 
+/// Waits (5 s at most) until `n` clients are blocked on `member` (BLPOP and the like).
+pub async fn wait_blocked(member: &redis_server::RedisServer, n: usize) {
+    let want = n.to_string();
+    eventually(
+        Duration::from_secs(5),
+        &format!("{n} blocked client(s)"),
+        || async {
+            member.info_field("clients", "blocked_clients").as_deref() == Some(want.as_str())
+        },
+    )
+    .await;
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read it, drop).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -121,6 +121,11 @@ impl Proxy {
         proxy
     }
 
+    /// A proxy with default options in front of one member, "local".
+    pub async fn one_member(member: &super::redis_server::RedisServer) -> Proxy {
+        Proxy::start(&[("local", member.addr())], Options::default()).await
+    }
+
     /// Starts a proxy without waiting for a route (all members may be down).
     pub async fn start_unrouted(members: &[(&str, String)], options: Options) -> Proxy {
         // GEOPROXY_LOG=debug shows the proxy's logs in a failing test's output.
@@ -260,6 +265,22 @@ impl Raw {
             "reply to {:?}",
             String::from_utf8_lossy(bytes)
         );
+    }
+
+    /// Reads until the bytes read end with `suffix` (each read within 5 s); returns them.
+    /// For replies whose exact length a test does not know (a HELLO map, a client id).
+    pub async fn read_until(&mut self, suffix: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        while !got.ends_with(suffix) {
+            got.extend(self.read_exact_len(1).await);
+        }
+        got
+    }
+
+    /// Sends `HELLO <args>` and reads the whole reply (a map ending with `modules`, empty).
+    pub async fn hello(&mut self, args: &str) -> Vec<u8> {
+        self.send(format!("HELLO {args}\r\n").as_bytes()).await;
+        self.read_until(b"*0\r\n").await
     }
 
     /// Reads whatever arrives until the peer closes (or 5 s).
