@@ -27,6 +27,10 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UNAVAILABLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default for `proxy.connect_timeout`: TCP connect plus session-state handshake to a member.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default for `proxy.client_query_buffer_limit`: Redis's `client-query-buffer-limit`, 1 GB.
+/// Only a command the proxy must hold whole (one whose arguments it reads, or one waiting
+/// for a member) can come near it: large arguments stream to the member as they arrive.
+pub const DEFAULT_QUERY_BUFFER_LIMIT: usize = 1024 * 1024 * 1024;
 /// Default for `proxy.shutdown_timeout`: how long in-flight replies may take after SIGTERM.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for `proxy.threads`: 0, one worker per core, as HAProxy does. A worker that
@@ -100,6 +104,12 @@ pub struct ProxyConfig {
     pub unavailable_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Close a client idle this long (Redis's `timeout`); `None` (the file's "0s", the
+    /// default) never does. Subscribed, blocked and MONITOR clients are exempt, as in Redis.
+    pub client_idle_timeout: Option<Duration>,
+    /// Most bytes of client input the proxy holds for one client (Redis's
+    /// `client-query-buffer-limit`); beyond it the client is closed, as Redis closes it.
+    pub client_query_buffer_limit: usize,
     /// Worker threads, each a single-threaded runtime with its own listening socket on the
     /// same port (SO_REUSEPORT), serving the sessions it accepted (0 in the file = one per
     /// core, resolved here).
@@ -220,6 +230,46 @@ impl Config {
 mod raw {
     use super::*;
 
+    /// A size in bytes: a number, or a string with a unit as Redis writes them in
+    /// redis.conf (`kb`/`mb`/`gb` are powers of 1024, `k`/`m`/`g` of 1000).
+    #[derive(Deserialize, Debug)]
+    #[serde(untagged)]
+    pub enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+
+    impl Size {
+        pub fn bytes(&self) -> Option<usize> {
+            let text = match self {
+                Size::Bytes(n) => return usize::try_from(*n).ok(),
+                Size::Text(t) => t.trim().to_ascii_lowercase(),
+            };
+            let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+            let unit: u64 = match &text[digits.len()..] {
+                "" | "b" => 1,
+                "k" => 1000,
+                "kb" => 1024,
+                "m" => 1000 * 1000,
+                "mb" => 1024 * 1024,
+                "g" => 1000 * 1000 * 1000,
+                "gb" => 1024 * 1024 * 1024,
+                _ => return None,
+            };
+            let n: u64 = digits.trim().parse().ok()?;
+            usize::try_from(n.checked_mul(unit)?).ok()
+        }
+    }
+
+    impl fmt::Display for Size {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Size::Bytes(n) => write!(f, "{n}"),
+                Size::Text(t) => write!(f, "{t:?}"),
+            }
+        }
+    }
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct File {
@@ -250,6 +300,9 @@ mod raw {
         pub connect_timeout: Option<Duration>,
         #[serde(default, with = "humantime_serde")]
         pub shutdown_timeout: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub client_idle_timeout: Option<Duration>,
+        pub client_query_buffer_limit: Option<Size>,
         pub threads: Option<usize>,
     }
 
@@ -350,6 +403,19 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         p.shutdown_timeout,
         DEFAULT_SHUTDOWN_TIMEOUT,
     );
+    let client_query_buffer_limit = match &p.client_query_buffer_limit {
+        None => DEFAULT_QUERY_BUFFER_LIMIT,
+        Some(size) => match size.bytes() {
+            Some(n) if n >= 1024 * 1024 => n,
+            _ => {
+                problems.push(format!(
+                    "proxy.client_query_buffer_limit: {size} is not a size of at least 1mb \
+                     (bytes, or a number with kb, mb or gb)"
+                ));
+                DEFAULT_QUERY_BUFFER_LIMIT
+            }
+        },
+    };
     let max_clients = p.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
     if max_clients == 0 {
         problems.push("proxy.max_clients: must be greater than zero".into());
@@ -468,6 +534,8 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             unavailable_timeout,
             connect_timeout,
             shutdown_timeout,
+            client_idle_timeout: p.client_idle_timeout.filter(|d| !d.is_zero()),
+            client_query_buffer_limit,
             threads: match p.threads.unwrap_or(DEFAULT_THREADS) {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,

@@ -151,6 +151,8 @@ impl Server {
             unavailable_timeout: config.proxy.unavailable_timeout,
             connect_timeout: config.proxy.connect_timeout,
             retry_reads: config.failover.retry_reads,
+            client_idle_timeout: config.proxy.client_idle_timeout,
+            query_buffer_limit: config.proxy.client_query_buffer_limit,
         });
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.proxy.max_clients));

@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
+use crate::metrics::Metrics;
 use crate::router::Route;
 use crate::session::{Context, Session};
 
@@ -17,6 +19,30 @@ use crate::session::{Context, Session};
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// Longest pause after repeated accept errors (out of file descriptors, say).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What an open session holds: its `max_clients` permit and its count in
+/// `geoproxy_sessions_open`. Given back on drop, so a session that panics (its task is
+/// dropped while unwinding) leaks neither.
+pub struct OpenSession {
+    gauge: IntGauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenSession {
+    pub fn new(metrics: &Metrics, permit: OwnedSemaphorePermit) -> OpenSession {
+        metrics.sessions_open.inc();
+        OpenSession {
+            gauge: metrics.sessions_open.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
 
 pub struct Listener {
     pub listener: TcpListener,
@@ -78,20 +104,40 @@ impl Listener {
                 continue;
             };
             let _ = client.set_nodelay(true);
-            let metrics = self.ctx.metrics.clone();
-            metrics.sessions_total.inc();
-            metrics.sessions_open.inc();
+            self.ctx.metrics.sessions_total.inc();
+            let open = OpenSession::new(&self.ctx.metrics, permit);
             let session = Session::new(self.ctx.clone(), client, self.route.clone());
             let span = tracing::debug_span!("session", client.addr = %addr);
             let shutdown = shutdown.clone();
             self.sessions.spawn(
                 async move {
                     session.run(shutdown).await;
-                    metrics.sessions_open.dec();
-                    drop(permit);
+                    drop(open);
                 }
                 .instrument(span),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_session_gives_back_its_permit_and_its_count() {
+        let metrics = Metrics::new(prometheus::Registry::new());
+        let limit = Arc::new(Semaphore::new(1));
+        let permit = limit.clone().try_acquire_owned().unwrap();
+        let open = OpenSession::new(&metrics, permit);
+        assert_eq!(metrics.sessions_open.get(), 1);
+        assert_eq!(limit.available_permits(), 0);
+        let task = tokio::spawn(async move {
+            let _open = open;
+            panic!("a bug in one session");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(metrics.sessions_open.get(), 0);
+        assert_eq!(limit.available_permits(), 1);
     }
 }

@@ -35,6 +35,12 @@ pub enum Kind {
     Monitor,
     /// `QUIT`: the member replies `+OK` and closes.
     Quit,
+    /// `PING`: allowed (and answered differently) while subscribed in RESP2.
+    Ping,
+    /// `SYNC`, `PSYNC`, and module commands that block or subscribe: what follows cannot be
+    /// counted (an RDB payload is a bulk without its CRLF), so the session relays the
+    /// connection raw from then on.
+    Raw,
 }
 
 /// The three kinds of subscription.
@@ -118,6 +124,8 @@ pub fn classify(name: &[u8]) -> Kind {
         b"SUNSUBSCRIBE" => Kind::Unsubscribe(Subscription::Shard),
         b"MONITOR" => Kind::Monitor,
         b"QUIT" => Kind::Quit,
+        b"PING" => Kind::Ping,
+        b"SYNC" | b"PSYNC" => Kind::Raw,
         _ => Kind::Plain,
     }
 }
@@ -125,9 +133,11 @@ pub fn classify(name: &[u8]) -> Kind {
 /// How long a blocking command may wait, from its arguments (name first).
 /// `Some(None)` = forever (a timeout of 0); `None` = it does not block after all.
 pub fn block_timeout(how: BlockTimeout, args: &[Vec<u8>]) -> Option<Option<Duration>> {
+    // Checked: a client can send any number (`BLPOP k 1e20`); one too large for a
+    // Duration is one Redis refuses too ("timeout is out of range").
     let seconds = |a: Option<&Vec<u8>>| -> Option<Duration> {
         let s: f64 = std::str::from_utf8(a?).ok()?.parse().ok()?;
-        (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s))
+        Duration::try_from_secs_f64(s).ok()
     };
     let millis = |a: Option<&Vec<u8>>| -> Option<Duration> {
         let ms: u64 = std::str::from_utf8(a?).ok()?.parse().ok()?;
@@ -189,5 +199,14 @@ mod tests {
         assert_eq!(t(b"XREAD", "XREAD COUNT 1 STREAMS s 0"), None);
         assert_eq!(t(b"XREAD", "XREAD block 0 STREAMS s $"), Some(None));
         assert_eq!(t(b"BLPOP", "BLPOP a nope"), None);
+        // Numbers no Duration holds are refused (as Redis refuses them), never a panic.
+        assert_eq!(t(b"BLPOP", "BLPOP a 1e20"), None);
+        assert_eq!(t(b"BLPOP", "BLPOP a -1"), None);
+        assert_eq!(t(b"BLPOP", "BLPOP a inf"), None);
+        assert_eq!(t(b"BLPOP", "BLPOP a NaN"), None);
+        assert_eq!(
+            t(b"WAIT", "WAIT 1 18446744073709551615"),
+            Some(Some(Duration::from_millis(u64::MAX)))
+        );
     }
 }

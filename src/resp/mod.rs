@@ -20,8 +20,8 @@ pub mod table;
 
 /// Redis's `proto-max-bulk-len` default: 512 MB.
 pub const MAX_BULK_LEN: usize = 512 * 1024 * 1024;
-/// Redis's limit on the element count of a client's multibulk command.
-pub const MAX_MULTIBULK_LEN: usize = 1024 * 1024;
+/// Redis's limit on the element count of a client's multibulk command (`INT_MAX`).
+pub const MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
 /// Redis's `PROTO_INLINE_MAX_SIZE`: 64 KB for an inline command or a header line.
 pub const MAX_INLINE_LEN: usize = 64 * 1024;
 /// Deepest aggregate nesting accepted in a member's reply.

@@ -34,9 +34,15 @@ pub struct Reply {
     pub end: usize,
     /// A null (`$-1`, `*-1`, `_`): for EXEC, a transaction that did not run.
     pub null: bool,
-    /// For an array or push whose first element is a bulk string: its first bytes.
+    /// For an array or push whose first element is a bulk string: its first bytes; for a
+    /// simple string: the first bytes of its line.
     head: [u8; HEAD_LEN],
     head_len: u8,
+    /// Which of the first 64 elements of an array reply are errors (bit `i` = element `i`):
+    /// how EXEC says which queued command failed.
+    failed_elements: u64,
+    /// An element after the 64th is an error.
+    failed_beyond: bool,
 }
 
 impl Reply {
@@ -70,10 +76,26 @@ impl Reply {
         )
     }
 
-    /// The first bytes of an array's or push's first element, if that is a bulk string.
+    /// A simple-string reply whose whole text is `text` (shorter than [`HEAD_LEN`]).
+    pub fn is_status(&self, text: &[u8]) -> bool {
+        self.kind == b'+' && text.len() < HEAD_LEN && self.head() == text
+    }
+
+    /// Did element `i` of this array reply fail (an error)? `None` past the 64th element
+    /// when a later element failed: unknown.
+    pub fn element_failed(&self, i: usize) -> Option<bool> {
+        match i {
+            0..64 => Some(self.failed_elements & (1 << i) != 0),
+            _ if self.failed_beyond => None,
+            _ => Some(false),
+        }
+    }
+
+    /// The first bytes of an array's or push's first element, if that is a bulk string, or
+    /// of a simple string.
     fn head(&self) -> &[u8] {
         match self.kind {
-            b'*' | b'>' => &self.head[..self.head_len as usize],
+            b'*' | b'>' | b'+' => &self.head[..self.head_len as usize],
             _ => &[],
         }
     }
@@ -109,6 +131,10 @@ pub struct ReplyScanner {
     head_len: u8,
     /// Bytes of the first element still to copy into `head`.
     capture_left: usize,
+    /// Elements of the top-level aggregate begun so far, and which were errors.
+    elements: usize,
+    failed_elements: u64,
+    failed_beyond: bool,
 }
 
 impl ReplyScanner {
@@ -155,11 +181,29 @@ impl ReplyScanner {
                 self.null = kind == b'_' || matches!(kind, b'$' | b'*') && header == b"-1";
                 self.head_len = 0;
                 self.at_first_element = false;
-            } else if self.at_first_element && self.stack.len() == 1 {
-                self.at_first_element = false;
-                if kind == b'$' {
-                    let len = parse_int(header).unwrap_or(0).max(0) as usize;
-                    self.capture_left = len.min(HEAD_LEN);
+                self.elements = 0;
+                self.failed_elements = 0;
+                self.failed_beyond = false;
+                if kind == b'+' {
+                    let n = header.len().min(HEAD_LEN);
+                    self.head[..n].copy_from_slice(&header[..n]);
+                    self.head_len = n as u8;
+                }
+            } else if self.stack.len() == 1 && kind != b'|' {
+                // A direct element of the top-level aggregate.
+                if matches!(kind, b'-' | b'!') {
+                    match self.elements {
+                        i @ 0..64 => self.failed_elements |= 1 << i,
+                        _ => self.failed_beyond = true,
+                    }
+                }
+                self.elements += 1;
+                if self.at_first_element {
+                    self.at_first_element = false;
+                    if kind == b'$' {
+                        let len = parse_int(header).unwrap_or(0).max(0) as usize;
+                        self.capture_left = len.min(HEAD_LEN);
+                    }
                 }
             }
             pos = next;
@@ -222,6 +266,8 @@ impl ReplyScanner {
             null: self.null,
             head: self.head,
             head_len: self.head_len,
+            failed_elements: self.failed_elements,
+            failed_beyond: self.failed_beyond,
         });
     }
 }

@@ -36,6 +36,8 @@ pub struct RequestScanner {
     seen: usize,
     /// Offset of the next unscanned element header.
     pos: usize,
+    /// While an element's body is incomplete: the offset just past it (and its CRLF).
+    body_end: Option<usize>,
     name: Range<usize>,
 }
 
@@ -45,7 +47,7 @@ impl RequestScanner {
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
-        if first != b'*' {
+        if first != b'*' && self.argc == 0 {
             return scan_inline(buf);
         }
         if self.argc == 0 {
@@ -69,6 +71,15 @@ impl RequestScanner {
             self.pos = next;
         }
         while self.seen < self.argc {
+            if let Some(end) = self.body_end {
+                if buf.len() < end {
+                    return Ok(None);
+                }
+                self.body_end = None;
+                self.seen += 1;
+                self.pos = end;
+                continue;
+            }
             let at = self.pos;
             let Some(&kind) = buf.get(at) else {
                 return Ok(None);
@@ -84,14 +95,10 @@ impl RequestScanner {
                 return Err(ProtocolError("invalid bulk length"));
             }
             let end = body + len as usize;
-            if buf.len() < end + 2 {
-                return Ok(None);
-            }
             if self.seen == 0 {
                 self.name = body..end;
             }
-            self.seen += 1;
-            self.pos = end + 2;
+            self.body_end = Some(end + 2);
         }
         let frame = Frame {
             len: self.pos,
@@ -101,6 +108,34 @@ impl RequestScanner {
         };
         *self = RequestScanner::default();
         Ok(Some(frame))
+    }
+}
+
+impl RequestScanner {
+    /// The name of the command being scanned, once its first element is complete (a range
+    /// of the slice passed to [`RequestScanner::next`]).
+    pub fn name(&self) -> Option<Range<usize>> {
+        (self.seen > 0).then(|| self.name.clone())
+    }
+
+    /// How many bytes at the front of `buf` (the incomplete command, as last scanned) are
+    /// already known to belong to it and may be sent on before it is complete: its complete
+    /// elements, and what has arrived of the current element's body.
+    pub fn streamable(&self, buf_len: usize) -> usize {
+        match self.body_end {
+            Some(end) => buf_len.min(end),
+            None => self.pos,
+        }
+    }
+
+    /// The caller removed the first `n` bytes (at most [`RequestScanner::streamable`]) of
+    /// the incomplete command: the next call passes the rest. The name range is stale then.
+    pub fn drained(&mut self, n: usize) {
+        match &mut self.body_end {
+            Some(end) => *end -= n,
+            None => self.pos -= n,
+        }
+        self.name = 0..0;
     }
 }
 
@@ -284,7 +319,9 @@ mod tests {
     #[test]
     fn limits_and_malformed_input_use_redis_messages() {
         let e = |b: &[u8]| scan_all(b).unwrap_err().0;
-        assert_eq!(e(b"*2000000\r\n"), "invalid multibulk length");
+        assert_eq!(e(b"*2147483648\r\n"), "invalid multibulk length");
+        // Redis accepts up to INT_MAX elements (an SADD of 1.1M members works).
+        assert_eq!(scan_all(b"*1100000\r\n$4\r\nSADD\r\n").unwrap(), None);
         assert_eq!(e(b"*x\r\n"), "invalid multibulk length");
         assert_eq!(e(b"*1\r\n$600000000\r\n"), "invalid bulk length");
         assert_eq!(e(b"*1\r\n$-1\r\n"), "invalid bulk length");
@@ -292,6 +329,34 @@ mod tests {
         let long = vec![b'a'; MAX_INLINE_LEN + 1];
         assert_eq!(e(&long), "too big inline request");
         assert_eq!(e(b"SET \"abc\r\n"), "unbalanced quotes in request");
+    }
+
+    #[test]
+    fn a_large_command_streams_out_as_it_arrives() {
+        let mut s = RequestScanner::default();
+        let mut buf = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$10\r\nabc".to_vec();
+        assert_eq!(s.next(&buf).unwrap(), None);
+        assert_eq!(&buf[s.name().unwrap()], b"SET");
+        // Everything so far belongs to the command: send it on.
+        let n = s.streamable(buf.len());
+        assert_eq!(n, buf.len());
+        buf.drain(..n);
+        s.drained(n);
+        buf.extend_from_slice(b"defghij\r");
+        assert_eq!(s.next(&buf).unwrap(), None);
+        let n = s.streamable(buf.len());
+        buf.drain(..n);
+        s.drained(n);
+        buf.extend_from_slice(b"\n*1\r\n$4\r\nPING\r\n");
+        let f = s.next(&buf).unwrap().unwrap();
+        assert_eq!(f.len, 1, "the rest of the streamed command: its last LF");
+        let f = s.next(&buf[1..]).unwrap().unwrap();
+        assert_eq!(f.argc, 1);
+        // Between elements only complete elements are streamable.
+        let mut s = RequestScanner::default();
+        let buf = b"*3\r\n$3\r\nSET\r\n$1";
+        assert_eq!(s.next(buf).unwrap(), None);
+        assert_eq!(s.streamable(buf.len()), 13);
     }
 
     #[test]

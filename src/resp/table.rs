@@ -98,6 +98,10 @@ const BUILTIN_READ_ONLY: &[&str] = &[
     "fcall_ro",
 ];
 
+/// Redis's own commands flagged `pubsub` that are plain request/reply (one reply, no
+/// subscription): not streaming, whatever their flag says.
+const PLAIN_PUBSUB: &[&[u8]] = &[b"publish", b"spublish", b"pubsub"];
+
 /// What the session needs to know of the commands a member has.
 #[derive(Debug, Default)]
 pub struct CommandTable {
@@ -154,7 +158,7 @@ impl CommandTable {
             if has("blocking") && !known {
                 table.extra_blocking.insert(name.clone());
             }
-            if has("pubsub") && !known {
+            if has("pubsub") && !known && !PLAIN_PUBSUB.contains(&name.as_slice()) {
                 table.extra_pubsub.insert(name);
             }
         }
@@ -193,12 +197,17 @@ mod tests {
 
     #[test]
     fn parses_a_command_reply() {
-        let reply = b"*3\r\n\
+        let reply = b"*5\r\n\
             *3\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n+fast\r\n\
+            *3\r\n$7\r\npublish\r\n:3\r\n*2\r\n+pubsub\r\n+fast\r\n\
+            *3\r\n$8\r\nspublish\r\n:3\r\n*2\r\n+pubsub\r\n+fast\r\n\
             *3\r\n$4\r\nincr\r\n:2\r\n*2\r\n+write\r\n+fast\r\n\
             *3\r\n$8\r\nmy.bwait\r\n:2\r\n*2\r\n+readonly\r\n+blocking\r\n";
         let t = CommandTable::parse(reply).unwrap();
-        assert_eq!(t.len, 3);
+        assert_eq!(t.len, 5);
+        // PUBLISH is flagged `pubsub` but answers once: not a streaming command.
+        assert!(!t.is_module_streaming(b"PUBLISH"));
+        assert!(!t.is_module_streaming(b"spublish"));
         assert!(t.is_read_only(b"GET"));
         assert!(!t.is_read_only(b"incr"));
         assert!(t.is_module_streaming(b"MY.BWAIT"));

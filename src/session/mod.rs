@@ -1,24 +1,25 @@
-//! One client connection and its pinned upstream: forwarding, reply accounting, session
-//! state, and moving between members.
+//! One client connection and its pinned upstream.
 //!
-//! The session forwards the client's bytes in batches (every complete command read at once
-//! goes out in one write, so pipelines stay pipelines) and streams the member's replies back
-//! as they arrive. It counts the replies owed ([`Pending`]), which is what makes a move safe:
-//! a session with nothing owed, outside MULTI/WATCH and not in MONITOR ("quiescent") can
-//! switch to a new upstream between two commands, after replaying its state there
-//! (subscriptions included: a subscriber is subscribed on the new member before the old
-//! connection is dropped).
+//! The session is a pump (this file, the only part that touches sockets) around pure parts:
+//! - [`ledger`]: which reply answers which command, and the state the member accepted;
+//! - [`state`]: that state, and the commands that replay it on a new upstream;
+//! - [`moving`]: when and how the session moves to another member, and what happens to
+//!   commands in flight when its member fails;
+//! - [`transaction`]: the proxy's answers inside a transaction the member lost;
+//! - [`timers`]: reply timeout, unavailable timeout, move backoff, client idle timeout.
 //!
-//! When the member fails, each command in flight gets its own `-OUTCOMEUNKNOWN` reply, in
-//! order, and is never re-sent anywhere (a retried INCR would count twice once the CRDT
-//! members merge). Commands not yet sent wait for the next member, up to
-//! `unavailable_timeout`, then get `-UNAVAILABLE`.
+//! The pump forwards the client's bytes in batches (every complete command read at once goes
+//! out in one write, so pipelines stay pipelines; a large command streams out as it arrives)
+//! and streams the member's replies back as they arrive, telling the ledger of each command
+//! sent and each reply frame seen.
 
+pub mod ledger;
+mod moving;
 pub mod state;
+pub mod timers;
+pub mod transaction;
 
-use std::collections::VecDeque;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,29 +28,36 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::member::{MemberIdx, Members, Signal};
 use crate::metrics::Metrics;
-use crate::resp::command::{block_timeout, classify, Kind};
+use crate::resp::command::{classify, Kind};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{self, RequestScanner};
 use crate::resp::ProtocolError;
 use crate::router::Route;
-use crate::upstream::{self, Upstream};
-use state::{Change, SessionState};
+use crate::upstream::Upstream;
+use ledger::{needs_args, Command, Frame, Ledger};
+use timers::{block_deadline, Backoff, Timer};
+use transaction::Broken;
 
 /// Spare room kept in the reply buffer before each read: large reads keep big values fast.
 const REPLY_READ_SIZE: usize = 64 * 1024;
 /// Spare room kept in the request buffer before each read.
 const REQUEST_READ_SIZE: usize = 16 * 1024;
 /// While commands wait (for a member, or for replies before a local answer), stop reading
-/// the client once this much is buffered: a client cannot make the proxy hold unbounded data.
+/// the client once this much is buffered: backpressure, not memory.
 const MAX_WAITING_BYTES: usize = 1024 * 1024;
+/// An incomplete command larger than this streams to the member as it arrives (when its
+/// arguments do not matter to the session), so a 512 MB value is never held whole.
+const STREAM_AFTER: usize = 64 * 1024;
+/// A buffer that grew past this for one big frame is given back once it is empty.
+const SHRINK_ABOVE: usize = 256 * 1024;
 
-/// What every session shares: the members, the metrics and the timeouts.
+/// What every session shares: the members, the metrics and the limits.
 pub struct Context {
     pub members: Arc<Members>,
     pub metrics: Metrics,
@@ -58,61 +66,10 @@ pub struct Context {
     pub connect_timeout: Duration,
     /// `failover.retry_reads`: in-flight read-only commands go to the new member.
     pub retry_reads: bool,
-}
-
-/// A command sent to the member whose reply has not arrived yet.
-#[derive(Debug)]
-struct Pending {
-    /// Reply frames still owed: 1, or one per name for a RESP2 (P|S)(UN)SUBSCRIBE.
-    owed: usize,
-    /// Sent while subscribed (or a subscription command): in RESP2, a `message` array
-    /// arriving while it is first in line is a message, not its reply.
-    pubsub: bool,
-    /// A (P|S)(UN)SUBSCRIBE counted in RESP2 confirmations. If HELLO 3 went ahead of it
-    /// in the same pipeline, its confirmations arrive as pushes and still count.
-    subscription: bool,
-    /// State to apply when the member accepts the command.
-    change: Option<Change>,
-    /// A read-only command's bytes, kept (with `retry_reads`) to re-send if its member
-    /// fails before answering.
-    retry: Option<Bytes>,
-}
-
-/// A transaction the member lost when it failed; answered by the proxy until it ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Broken {
-    /// The member failed inside MULTI: queued commands are gone, EXEC must fail.
-    Multi { member: String },
-    /// The member failed while keys were WATCHed: the transaction must not run.
-    /// `queuing` once the client sent MULTI (the proxy answers `+QUEUED`).
-    Watch { queuing: bool },
-}
-
-/// What `CLIENT REPLY` set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReplyMode {
-    On,
-    Off,
-    /// The next command gets no reply.
-    Skip,
-}
-
-/// The mode a `CLIENT REPLY ON|OFF|SKIP` command asks for (arguments, name first).
-fn client_reply(args: &[Vec<u8>]) -> Option<ReplyMode> {
-    let [_, sub, mode] = args else {
-        return None;
-    };
-    if !sub.eq_ignore_ascii_case(b"REPLY") {
-        return None;
-    }
-    let modes: [(&[u8], ReplyMode); 3] = [
-        (b"ON", ReplyMode::On),
-        (b"OFF", ReplyMode::Off),
-        (b"SKIP", ReplyMode::Skip),
-    ];
-    modes
-        .into_iter()
-        .find_map(|(name, m)| mode.eq_ignore_ascii_case(name).then_some(m))
+    /// `proxy.client_idle_timeout`.
+    pub client_idle_timeout: Option<Duration>,
+    /// `proxy.client_query_buffer_limit`.
+    pub query_buffer_limit: usize,
 }
 
 /// Why a session ended early.
@@ -122,8 +79,10 @@ enum SessionError {
     Client(#[source] io::Error),
     #[error("member sent malformed RESP: {0}")]
     MemberProtocol(ProtocolError),
-    #[error("member {0} failed in the middle of a reply or a subscription")]
+    #[error("member {0} failed in the middle of a reply, or while the session could not move")]
     Unrecoverable(String),
+    #[error("client query buffer over {0} bytes (proxy.client_query_buffer_limit)")]
+    QueryBufferLimit(usize),
 }
 
 /// Events the session waits for.
@@ -135,41 +94,44 @@ enum Event {
     Shutdown,
 }
 
+/// The command at the front of the request buffer is being streamed to the member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Streaming {
+    No,
+    /// Recorded in the ledger and partly sent: the rest follows as it arrives.
+    Sending,
+    /// Its member failed while it was arriving: the rest is dropped (it never ran).
+    Dropping,
+}
+
 pub struct Session {
     ctx: Arc<Context>,
     client: TcpStream,
     route: watch::Receiver<Route>,
     /// The route as last read from `route`.
     route_seen: Route,
+    /// The router still publishes (it ends only at shutdown; if not, keep the last route).
+    route_open: bool,
     upstream: Option<Upstream>,
     /// The member of the last upstream, kept after it failed: attaching elsewhere is a move.
     last_member: Option<MemberIdx>,
     /// Command counter of the current upstream's member.
     commands: Option<IntCounter>,
-    state: SessionState,
-    pending: VecDeque<Pending>,
+    ledger: Ledger,
     requests: BytesMut,
     request_scanner: RequestScanner,
+    streaming: Streaming,
     replies: BytesMut,
     reply_scanner: ReplyScanner,
-    /// In MULTI (sent, not yet ended by EXEC/DISCARD).
-    multi: bool,
-    /// Keys WATCHed (outside MULTI).
-    watching: bool,
-    /// Session-state changes queued inside MULTI.
-    queued: Vec<Change>,
-    /// CLIENT REPLY mode: whether the member answers.
-    reply_mode: ReplyMode,
     broken: Option<Broken>,
-    /// In MONITOR: the member streams without being asked, replies are no longer counted,
-    /// and the session stays on its member until it fails.
-    passthrough: bool,
     /// `replies` holds bytes to forward that no read announced (after a move).
     replies_waiting: bool,
-    /// QUIT was sent: close once it is answered.
-    quitting: bool,
     /// Malformed input from the client: answered and closed once earlier replies are out.
     protocol_error: Option<ProtocolError>,
+    /// The client closed its side: what it sent is still served, then the session ends.
+    client_eof: bool,
+    /// The upstream was told the client is gone (its write side shut down).
+    upstream_shut: bool,
     /// Complete commands are buffered that cannot go out yet.
     stalled: bool,
     /// When the session last had no upstream (or `None` while it has one).
@@ -177,16 +139,15 @@ pub struct Session {
     /// The member whose connection failed, and the route epoch then: not retried under the
     /// same route before `unavailable_timeout` has passed.
     failed: Option<(MemberIdx, u64)>,
+    backoff: Backoff,
     /// Last progress on the upstream: a write while nothing was owed, or any read.
     last_activity: Instant,
+    /// Last read from or write to the client (for the idle timeout).
+    last_client_io: Instant,
     /// Blocking commands owed: their replies may take as long as they say.
     blocked_until: Option<Instant>,
     blocked_forever: bool,
-    timer: Pin<Box<Sleep>>,
-    /// Where `timer` is set; `None` once it fired.
-    timer_at: Option<Instant>,
-    /// The session has a deadline, so the timer branch is polled.
-    timer_enabled: bool,
+    timer: Timer,
 }
 
 impl Session {
@@ -199,33 +160,30 @@ impl Session {
             client,
             route,
             route_seen,
+            route_open: true,
             upstream: None,
             last_member: None,
             commands: None,
-            state: SessionState::default(),
-            pending: VecDeque::new(),
+            ledger: Ledger::default(),
             requests: BytesMut::new(),
             request_scanner: RequestScanner::default(),
+            streaming: Streaming::No,
             replies: BytesMut::new(),
             reply_scanner: ReplyScanner::default(),
-            multi: false,
-            watching: false,
-            queued: Vec::new(),
-            reply_mode: ReplyMode::On,
             broken: None,
-            passthrough: false,
             replies_waiting: false,
-            quitting: false,
             protocol_error: None,
+            client_eof: false,
+            upstream_shut: false,
             stalled: false,
             detached_since: Some(now),
             failed: None,
+            backoff: Backoff::default(),
             last_activity: now,
+            last_client_io: now,
             blocked_until: None,
             blocked_forever: false,
-            timer: Box::pin(sleep_until(now)),
-            timer_at: None,
-            timer_enabled: false,
+            timer: Timer::new(now),
         }
     }
 
@@ -245,43 +203,67 @@ impl Session {
     async fn serve(&mut self, shutdown: CancellationToken) -> Result<(), SessionError> {
         let mut draining = false;
         loop {
-            self.follow_route().await;
+            self.follow_route().await?;
             if std::mem::take(&mut self.replies_waiting) {
                 self.forward_replies().await?;
             }
             self.forward_requests().await?;
-            if self.pending.is_empty() {
+            let owed = self.ledger.in_flight() > 0 || self.streaming == Streaming::Sending;
+            if !owed {
                 if let Some(e) = self.protocol_error.take() {
                     self.ctx.metrics.protocol_errors.inc();
                     let reply = format!("-ERR Protocol error: {e}\r\n");
                     let _ = self.client.write_all(reply.as_bytes()).await;
                     return Ok(());
                 }
-                if draining || self.quitting && self.upstream.is_none() {
+                if draining {
                     return Ok(());
                 }
             }
-            self.arm_timer();
+            if self.client_eof && !self.half_close_upstream().await {
+                return Ok(());
+            }
+            if self.ledger.quitting() && self.upstream.is_none() {
+                return Ok(());
+            }
+            self.shrink_buffers();
+            self.timer.arm(self.deadline());
             let read_client = !draining
-                && !self.quitting
+                && !self.client_eof
+                && !self.ledger.quitting()
                 && self.protocol_error.is_none()
                 && (!self.stalled || self.requests.len() < MAX_WAITING_BYTES);
             match self.next_event(read_client, draining, &shutdown).await {
-                Event::ClientRead(Ok(0)) => return Ok(()),
-                Event::ClientRead(Ok(_)) => {}
+                Event::ClientRead(Ok(0)) => self.client_eof = true,
+                Event::ClientRead(Ok(_)) => {
+                    self.last_client_io = Instant::now();
+                    if self.requests.len() > self.ctx.query_buffer_limit {
+                        // Redis closes such a client without a reply.
+                        self.ctx.metrics.protocol_errors.inc();
+                        return Err(SessionError::QueryBufferLimit(self.ctx.query_buffer_limit));
+                    }
+                }
                 Event::ClientRead(Err(e)) => return Err(SessionError::Client(e)),
                 Event::UpstreamRead(Ok(0)) => {
-                    self.upstream_lost(Signal::ConnectionLost, "connection closed")
-                        .await?
+                    self.upstream_closed().await?;
+                    if self.client_eof || self.ledger.quitting() {
+                        return Ok(());
+                    }
                 }
                 Event::UpstreamRead(Ok(_)) => self.forward_replies().await?,
                 Event::UpstreamRead(Err(e)) => {
                     self.upstream_lost(Signal::ConnectionLost, &e.to_string())
-                        .await?
+                        .await?;
+                    if self.client_eof || self.ledger.quitting() {
+                        return Ok(());
+                    }
                 }
-                // `changed()` marked the new route seen: read it now.
                 Event::RouteChanged => self.route_seen = *self.route.borrow_and_update(),
-                Event::Timer => self.on_timer().await?,
+                Event::Timer => {
+                    if self.on_timer().await? {
+                        return Ok(());
+                    }
+                }
                 Event::Shutdown => draining = true,
             }
         }
@@ -299,9 +281,8 @@ impl Session {
             upstream,
             replies,
             route,
+            route_open,
             timer,
-            timer_at,
-            timer_enabled,
             ..
         } = self;
         if read_client && requests.capacity() - requests.len() < 1024 {
@@ -310,135 +291,63 @@ impl Session {
         if upstream.is_some() && replies.capacity() - replies.len() < 4096 {
             replies.reserve(REPLY_READ_SIZE);
         }
+        let timer_enabled = timer.enabled;
         // Biased: the data path is polled first, and when it is ready the control futures
         // (shared wake-up lists, each behind a lock) are not polled at all.
         tokio::select! {
             biased;
             r = read_upstream(upstream.as_mut(), replies) => Event::UpstreamRead(r),
             r = client.read_buf(requests), if read_client => Event::ClientRead(r),
-            r = route.changed() => match r {
+            r = route.changed(), if *route_open => match r {
                 Ok(()) => Event::RouteChanged,
-                // The router is gone: only at shutdown.
-                Err(_) => Event::Shutdown,
+                Err(_) => {
+                    // The router is gone (only at shutdown): keep the last route.
+                    *route_open = false;
+                    Event::RouteChanged
+                }
             },
-            _ = timer.as_mut(), if *timer_enabled => {
-                *timer_at = None;
-                Event::Timer
-            }
+            _ = timer.fired(), if timer_enabled => Event::Timer,
             _ = shutdown.cancelled(), if !draining => Event::Shutdown,
         }
     }
 
-    /// Nothing owed and nothing that ties the session to its member.
-    fn quiescent(&self) -> bool {
-        self.pending.is_empty()
-            && !self.multi
-            && !self.watching
-            && self.broken.is_none()
-            && !self.passthrough
-            && !self.quitting
-            && !self.reply_scanner.mid_frame()
-            && !self.state.tracking_redirected()
-    }
-
-    /// Moves to the route's member if the session can move now.
-    async fn follow_route(&mut self) {
-        // Only an atomic load when the route did not change (the common case).
-        if self.route.has_changed().unwrap_or(false) {
-            self.route_seen = *self.route.borrow_and_update();
-        }
-        let route = self.route_seen;
-        let current = self.upstream.as_ref().map(|u| u.member);
-        // A session with an upstream moves only when quiescent; one without has nothing
-        // to keep.
-        if route.member == current || (current.is_some() && !self.quiescent()) {
-            return;
-        }
-        let Some(target) = route.member else {
-            // No member available: stop using the old one (it is known down).
-            self.detach();
-            return;
-        };
-        if let Some((member, epoch)) = self.failed {
-            let waited = self.detached_since.map_or(Duration::MAX, |t| t.elapsed());
-            if member == target && epoch == route.epoch && waited < self.ctx.unavailable_timeout {
-                return;
-            }
-        }
-        let started = Instant::now();
-        let member = self.ctx.members.get(target);
-        match upstream::open(member, target, &self.state, self.ctx.connect_timeout).await {
-            Ok(mut new) => {
-                // A move: from a live upstream, or back on air after a failure elsewhere.
-                // Any earlier upstream: its tracking state and invalidations are gone.
-                let reattached = current.or(self.last_member).is_some();
-                if let Some(old) = current.or(self.last_member).filter(|&m| m != target) {
-                    self.ctx.metrics.sessions_moved.inc();
-                    self.ctx
-                        .metrics
-                        .move_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    debug!(
-                        from = self.ctx.members.get(old).id(),
-                        to = member.id(),
-                        "session moved"
-                    );
-                }
-                self.last_member = Some(target);
-                self.commands = Some(self.ctx.metrics.commands(member.id()));
-                self.replies = std::mem::take(&mut new.early);
-                self.replies_waiting = !self.replies.is_empty();
-                self.reply_scanner = ReplyScanner::default();
-                self.upstream = Some(new);
-                self.detached_since = None;
-                self.failed = None;
-                if reattached && self.state.tracking.is_some() && self.state.resp3 {
-                    // Invalidations from the old member are gone: tell the client to drop
-                    // its whole cache (an invalidation with a null key list).
-                    if let Err(e) = self.client.write_all(INVALIDATE_ALL).await {
-                        debug!(error = %e, "client connection closed");
-                    }
-                }
-            }
-            Err(e) => {
-                if e.is_member_failure() {
-                    member.report(Signal::ConnectFailed);
-                }
-                debug!(member = member.id(), error = %e, "cannot open upstream");
-                self.failed = Some((target, route.epoch));
-                if self.upstream.is_some() && route.member.is_some() {
-                    // Keep the old upstream; try again at the next route change.
-                } else {
-                    self.detach();
-                }
-            }
-        }
-    }
-
-    fn detach(&mut self) {
-        self.upstream = None;
-        self.commands = None;
-        self.detached_since.get_or_insert_with(Instant::now);
-    }
-
     /// Sends every complete buffered command that can go out now, in one write per batch;
-    /// answers locally the ones the proxy must answer.
+    /// streams a large command that is still arriving; answers locally the commands the
+    /// proxy must answer.
     async fn forward_requests(&mut self) -> Result<(), SessionError> {
         loop {
             self.stalled = false;
             let mut end = 0;
             let mut sent = 0u64;
-            let mut local: Option<Local> = None;
-            let was_idle = self.pending.is_empty();
-            while self.protocol_error.is_none() && !self.quitting {
+            let mut local: Option<(usize, Kind)> = None;
+            let mut incomplete = false;
+            let was_idle = self.ledger.in_flight() == 0;
+            while self.protocol_error.is_none() && !self.ledger.quitting() {
                 let frame = match self.request_scanner.next(&self.requests[end..]) {
                     Ok(Some(f)) => f,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        incomplete = end < self.requests.len();
+                        break;
+                    }
                     Err(e) => {
                         self.protocol_error = Some(e);
                         break;
                     }
                 };
+                match self.streaming {
+                    // The tail of a streamed command: already recorded.
+                    Streaming::Sending => {
+                        self.streaming = Streaming::No;
+                        end += frame.len;
+                        continue;
+                    }
+                    Streaming::Dropping => {
+                        self.streaming = Streaming::No;
+                        self.requests.advance(frame.len);
+                        continue;
+                    }
+                    Streaming::No => {}
+                }
                 let bytes = &self.requests[end..end + frame.len];
                 if frame.argc == 0 {
                     end += frame.len; // Redis skips an empty command without a reply.
@@ -456,62 +365,133 @@ impl Session {
                     continue;
                 }
                 let name = &bytes[frame.name.clone()];
-                let Some(upstream) = &self.upstream else {
-                    if end == 0 {
-                        local = Some(Local {
-                            len: frame.len,
-                            kind: classify(name),
-                        });
-                    }
-                    break;
-                };
-                let table = self.ctx.members.get(upstream.member).command_table();
-                let kind = match classify(name) {
-                    // A module's blocking or pub/sub command: its replies cannot be counted,
-                    // so the session treats it as MONITOR (stays, never timed).
-                    Kind::Plain if table.is_module_streaming(name) => Kind::Monitor,
-                    k => k,
-                };
-                let retry = (self.ctx.retry_reads
-                    && kind == Kind::Plain
-                    && !self.multi
-                    && table.is_read_only(name))
-                .then(|| Bytes::copy_from_slice(bytes));
-                if self.answers_locally(kind) {
+                let kind = self.kind_of(name);
+                if self.upstream.is_none() || self.answers_locally(kind) {
                     // This command cannot join the batch: send the batch first.
                     if end == 0 {
-                        local = Some(Local {
-                            len: frame.len,
-                            kind,
-                        });
+                        local = Some((frame.len, kind));
                     }
                     break;
                 }
+                let retry = self.retry_bytes(kind, name, bytes);
                 let args = needs_args(kind).then(|| request::args(bytes, false));
-                self.sending(kind, args.as_deref(), retry);
+                let args = args.as_deref().unwrap_or_default();
+                self.record(kind, args, retry);
                 end += frame.len;
                 sent += 1;
             }
-            let local_waiting = local.is_some();
-            if sent > 0 {
+            if sent > 0 || end > 0 {
                 self.send(end, sent, was_idle).await?;
-            } else if end > 0 {
-                self.requests.advance(end);
+            }
+            if incomplete && end == 0 {
+                return self.stream_request(was_idle).await;
             }
             let progressed = match local {
-                Some(cmd) => self.handle_local(cmd).await?,
+                Some((len, kind)) => self.answer_locally(len, kind).await?,
                 None => end > 0,
             };
             if !progressed {
-                self.stalled = local_waiting;
+                self.stalled = local.is_some();
                 return Ok(());
             }
         }
     }
 
+    /// What a command is to the session, knowing the member's own command table.
+    fn kind_of(&self, name: &[u8]) -> Kind {
+        let kind = classify(name);
+        let Some(upstream) = &self.upstream else {
+            return kind;
+        };
+        match kind {
+            // A module's blocking or pub/sub command: its replies cannot be counted.
+            Kind::Plain
+                if self
+                    .ctx
+                    .members
+                    .get(upstream.member)
+                    .command_table()
+                    .is_module_streaming(name) =>
+            {
+                Kind::Raw
+            }
+            k => k,
+        }
+    }
+
+    /// The bytes of a read-only command, kept (with `retry_reads`) to re-send if its member
+    /// fails before answering.
+    fn retry_bytes(&self, kind: Kind, name: &[u8], bytes: &[u8]) -> Option<Bytes> {
+        let upstream = self.upstream.as_ref()?;
+        let read_only = || {
+            self.ctx
+                .members
+                .get(upstream.member)
+                .command_table()
+                .is_read_only(name)
+        };
+        (self.ctx.retry_reads
+            && matches!(kind, Kind::Plain | Kind::Ping)
+            && !self.ledger.in_transaction().0
+            && read_only())
+        .then(|| Bytes::copy_from_slice(bytes))
+    }
+
+    /// Tells the ledger (and the timers) of a command about to be written.
+    fn record(&mut self, kind: Kind, args: &[Vec<u8>], retry: Option<Bytes>) {
+        let sent = self.ledger.sent(Command { kind, args, retry });
+        if sent.raw {
+            debug!("session relays raw from now on");
+        }
+        match sent.blocks {
+            Some(Some(d)) => match block_deadline(Instant::now(), Some(d)) {
+                Some(until) => {
+                    self.blocked_until = Some(self.blocked_until.map_or(until, |u| u.max(until)))
+                }
+                None => self.blocked_forever = true,
+            },
+            Some(None) => self.blocked_forever = true,
+            None => {}
+        }
+    }
+
+    /// The command at the front is incomplete: stream what has arrived of it, if it is
+    /// large and its arguments do not matter to the session.
+    async fn stream_request(&mut self, was_idle: bool) -> Result<(), SessionError> {
+        let available = self.request_scanner.streamable(self.requests.len());
+        match self.streaming {
+            Streaming::Sending => {}
+            Streaming::Dropping => {
+                self.requests.advance(available);
+                self.request_scanner.drained(available);
+                return Ok(());
+            }
+            Streaming::No => {
+                let Some(name) = self.request_scanner.name() else {
+                    return Ok(());
+                };
+                if self.requests.len() < STREAM_AFTER || self.upstream.is_none() {
+                    return Ok(());
+                }
+                let kind = self.kind_of(&self.requests[name]);
+                if needs_args(kind) || kind != Kind::Plain || self.answers_locally(kind) {
+                    return Ok(()); // held whole, up to the query buffer limit
+                }
+                self.record(kind, &[], None);
+                self.streaming = Streaming::Sending;
+            }
+        }
+        if available == 0 {
+            return Ok(());
+        }
+        self.request_scanner.drained(available);
+        self.send(available, 0, was_idle).await
+    }
+
     /// Writes the first `end` buffered bytes (`n` commands) to the upstream.
     async fn send(&mut self, end: usize, n: u64, was_idle: bool) -> Result<(), SessionError> {
         let Some(upstream) = self.upstream.as_mut() else {
+            self.requests.advance(end);
             return Ok(());
         };
         let result = write_to_member(
@@ -534,262 +514,69 @@ impl Session {
         Ok(())
     }
 
-    /// Records a command about to be forwarded: reply owed, state change, transaction flags.
-    /// `args` (name first) are given when [`needs_args`] says so.
-    fn sending(&mut self, kind: Kind, args: Option<&[Vec<u8>]>, retry: Option<Bytes>) {
-        let args = args.unwrap_or_default();
-        let mut pending = Pending {
-            owed: 1,
-            pubsub: false,
-            subscription: false,
-            change: None,
-            retry,
+    /// Answers a command the proxy must answer itself (a transaction its member lost, or
+    /// no member available). Returns false if it must wait (replies are owed first, or a
+    /// member may still come).
+    async fn answer_locally(&mut self, len: usize, kind: Kind) -> Result<bool, SessionError> {
+        if self.ledger.in_flight() > 0 {
+            return Ok(false); // local answers must follow the replies owed
+        }
+        let reply = match self.broken.take() {
+            Some(broken) if broken.answers(kind) => {
+                let (reply, rest) = broken.reply(kind, self.ledger.state().resp3);
+                self.broken = rest;
+                reply
+            }
+            other => {
+                self.broken = other;
+                // No upstream: wait for a member, up to `unavailable_timeout`.
+                let waited = self.detached_since.map_or(Duration::ZERO, |t| t.elapsed());
+                if waited < self.ctx.unavailable_timeout {
+                    return Ok(false);
+                }
+                self.ctx.metrics.unavailable_replies.inc();
+                UNAVAILABLE.to_vec()
+            }
         };
-        // CLIENT REPLY OFF/SKIP: the member will not answer, so no reply is owed.
-        let mut replies_on = match self.reply_mode {
-            ReplyMode::On => true,
-            ReplyMode::Off => false,
-            ReplyMode::Skip => {
-                self.reply_mode = ReplyMode::On;
-                false
-            }
-        };
-        if kind == Kind::Client {
-            if let Some(mode) = client_reply(args) {
-                // ON is answered `+OK` even after OFF; OFF and SKIP are never answered.
-                replies_on = mode == ReplyMode::On;
-                if !(mode == ReplyMode::Skip && self.reply_mode == ReplyMode::Off) {
-                    self.reply_mode = mode;
-                }
-                self.state.reply_off = self.reply_mode == ReplyMode::Off;
-            }
-        }
-        match kind {
-            Kind::Plain => {}
-            Kind::Multi => {
-                self.multi = true;
-                self.queued.clear();
-            }
-            Kind::Exec | Kind::Discard => {
-                if kind == Kind::Exec && !self.queued.is_empty() {
-                    pending.change = Some(Change::Many(std::mem::take(&mut self.queued)));
-                }
-                self.queued.clear();
-                self.multi = false;
-                self.watching = false;
-            }
-            Kind::Watch if !self.multi => self.watching = true,
-            Kind::Unwatch if !self.multi => self.watching = false,
-            Kind::Blocking(how) if !self.multi => match block_timeout(how, args) {
-                Some(Some(d)) => {
-                    let until = Instant::now() + d;
-                    self.blocked_until = Some(self.blocked_until.map_or(until, |u| u.max(until)));
-                }
-                Some(None) => self.blocked_forever = true,
-                None => {}
-            },
-            Kind::Subscribe(sub) if !self.multi => {
-                let names = args.get(1..).unwrap_or_default();
-                // RESP2: one confirmation per name (no name: an error); RESP3: pushes.
-                pending.owed = if self.state.resp3 {
-                    0
-                } else {
-                    names.len().max(1)
-                };
-                self.state.subscribe(sub, names);
-                pending.pubsub = true;
-                pending.subscription = true;
-            }
-            Kind::Unsubscribe(sub) if !self.multi => {
-                let names = args.get(1..).unwrap_or_default();
-                // RESP2: one confirmation per name, or per current subscription (at least
-                // one) when none is named; RESP3: pushes.
-                let all = self.state.subscription_count(sub).max(1);
-                pending.owed = match (self.state.resp3, names.len()) {
-                    (true, _) => 0,
-                    (false, 0) => all,
-                    (false, n) => n,
-                };
-                self.state.unsubscribe(sub, names);
-                pending.pubsub = true;
-                pending.subscription = true;
-            }
-            Kind::Monitor if !self.multi => {
-                // Replies are no longer counted from here on (nor timed).
-                self.passthrough = true;
-                self.pending.clear();
-            }
-            Kind::Quit => self.quitting = true,
-            Kind::Reset => {
-                self.queued.clear();
-                self.reply_mode = ReplyMode::On;
-                self.multi = false;
-                self.watching = false;
-                self.broken = None;
-                pending.change = Some(Change::Reset);
-            }
-            k if Change::possible(k) => {
-                let change = Change::of(k, args);
-                if self.multi {
-                    // Takes effect only if EXEC runs the transaction.
-                    self.queued.extend(change);
-                } else {
-                    pending.change = change;
-                }
-            }
-            _ => {}
-        }
-        if self.passthrough {
-            return;
-        }
-        pending.pubsub |= self.state.subscribed();
-        if !replies_on {
-            pending.owed = 0;
-        }
-        if pending.owed > 0 {
-            self.pending.push_back(pending);
-        } else if let Some(change) = pending.change {
-            // No reply will confirm it: take the member's acceptance for granted.
-            self.state.apply(change);
-        }
+        self.requests.advance(len);
+        self.write_client(&reply).await?;
+        Ok(true)
     }
 
     /// Does the proxy answer this command itself (a transaction the member lost)?
     fn answers_locally(&self, kind: Kind) -> bool {
-        match &self.broken {
-            None => false,
-            Some(Broken::Multi { .. }) => !matches!(kind, Kind::Reset | Kind::Quit),
-            Some(Broken::Watch { queuing: true }) => !matches!(kind, Kind::Reset | Kind::Quit),
-            Some(Broken::Watch { queuing: false }) => matches!(
-                kind,
-                Kind::Multi | Kind::Exec | Kind::Discard | Kind::Watch | Kind::Unwatch
-            ),
-        }
+        self.broken.as_ref().is_some_and(|b| b.answers(kind))
     }
 
-    /// Handles a command that cannot join a batch. Returns false if it must wait (replies
-    /// are owed first, or no member is available yet).
-    async fn handle_local(&mut self, cmd: Local) -> Result<bool, SessionError> {
-        if !self.pending.is_empty() {
-            return Ok(false); // local answers must follow the replies owed
-        }
-        let reply: Vec<u8> = if self.broken.is_some() && self.answers_locally(cmd.kind) {
-            self.transaction_reply(cmd.kind)
-        } else {
-            // No upstream: wait for a member, up to `unavailable_timeout`.
-            let waited = self.detached_since.map_or(Duration::ZERO, |t| t.elapsed());
-            if waited < self.ctx.unavailable_timeout {
-                return Ok(false);
-            }
-            self.ctx.metrics.unavailable_replies.inc();
-            UNAVAILABLE.to_vec()
-        };
-        self.requests.advance(cmd.len);
-        self.client
-            .write_all(&reply)
-            .await
-            .map_err(SessionError::Client)?;
-        Ok(true)
-    }
-
-    /// The proxy's answer inside a transaction the member lost (see [`Broken`]).
-    fn transaction_reply(&mut self, kind: Kind) -> Vec<u8> {
-        match (self.broken.clone(), kind) {
-            (Some(Broken::Multi { member }), Kind::Exec) => {
-                self.broken = None;
-                format!("-EXECABORT Transaction discarded because member {member} failed (geoproxy)\r\n")
-                    .into_bytes()
-            }
-            (Some(Broken::Multi { .. }), Kind::Multi) => {
-                b"-ERR MULTI calls can not be nested\r\n".to_vec()
-            }
-            (Some(Broken::Multi { member }), _) if kind != Kind::Discard => format!(
-                "-ERR geoproxy: transaction discarded because member {member} failed; EXEC will fail\r\n"
-            )
-            .into_bytes(),
-            (Some(Broken::Watch { queuing: false }), Kind::Multi) => {
-                self.broken = Some(Broken::Watch { queuing: true });
-                b"+OK\r\n".to_vec()
-            }
-            (Some(Broken::Watch { queuing: true }), Kind::Exec) => {
-                // A WATCHed key may have changed unseen: abort, as Redis does when one did.
-                self.broken = None;
-                if self.state.resp3 {
-                    b"_\r\n".to_vec()
-                } else {
-                    b"*-1\r\n".to_vec()
-                }
-            }
-            (Some(Broken::Watch { queuing: true }), Kind::Multi) => {
-                b"-ERR MULTI calls can not be nested\r\n".to_vec()
-            }
-            (Some(Broken::Watch { queuing: true }), Kind::Discard)
-            | (Some(Broken::Watch { queuing: false }), Kind::Unwatch) => {
-                self.broken = None;
-                b"+OK\r\n".to_vec()
-            }
-            (Some(Broken::Watch { queuing: false }), Kind::Exec | Kind::Discard) => {
-                self.broken = None;
-                let name = if kind == Kind::Exec { "EXEC" } else { "DISCARD" };
-                format!("-ERR {name} without MULTI\r\n").into_bytes()
-            }
-            (Some(Broken::Watch { queuing: true }), _) => b"+QUEUED\r\n".to_vec(),
-            // WATCH of more keys while the earlier watch is lost: it stays lost.
-            (Some(Broken::Watch { queuing: false }), _) => b"+OK\r\n".to_vec(),
-            // DISCARD after a lost MULTI.
-            (_, _) => {
-                self.broken = None;
-                b"+OK\r\n".to_vec()
-            }
-        }
-    }
-
-    /// Streams the member's bytes to the client, settling each complete reply.
+    /// Streams the member's bytes to the client, telling the ledger of each complete frame.
     async fn forward_replies(&mut self) -> Result<(), SessionError> {
-        let Session {
-            reply_scanner,
-            replies,
-            pending,
-            state,
-            passthrough,
-            ..
-        } = self;
-        let mut unexpected = false;
-        let consumed = reply_scanner
-            .scan(replies, |reply| {
-                if *passthrough || reply.is_attribute() {
-                    return;
-                }
-                let confirms =
-                    reply.is_subscription() && pending.front().is_some_and(|p| p.subscription);
-                if reply.is_push() && !confirms {
-                    return;
-                }
-                // RESP2 pub/sub messages look like replies: only the context tells them apart.
-                if reply.is_message() && pending.front().is_none_or(|p| p.pubsub) {
-                    return;
-                }
-                let Some(front) = pending.front_mut() else {
-                    unexpected = true;
-                    return;
-                };
-                front.owed -= 1;
-                if front.owed > 0 {
-                    return;
-                }
-                if let Some(p) = pending.pop_front() {
-                    if let (Some(change), false) = (p.change, reply.is_error() || reply.null) {
-                        state.apply(change);
-                    }
-                }
-            })
-            .map_err(SessionError::MemberProtocol)?;
-        if unexpected {
-            return Err(SessionError::MemberProtocol(ProtocolError(
-                "a reply arrived that no command asked for",
-            )));
-        }
-        if self.pending.is_empty() {
+        let consumed = if self.ledger.raw() {
+            self.replies.len()
+        } else {
+            let Session {
+                reply_scanner,
+                replies,
+                ledger,
+                ..
+            } = self;
+            let mut unexpected = false;
+            let consumed = reply_scanner
+                .scan(replies, |reply| {
+                    unexpected |= ledger.frame(reply) == Frame::Unexpected;
+                })
+                .map_err(SessionError::MemberProtocol)?;
+            if unexpected {
+                self.ctx.metrics.protocol_errors.inc();
+                warn!("a reply arrived that no command asked for; relaying raw from now on");
+            }
+            // A raw session forwards everything, even what the scanner could not place.
+            if self.ledger.raw() {
+                self.replies.len()
+            } else {
+                consumed
+            }
+        };
+        if self.ledger.in_flight() == 0 {
             self.blocked_until = None;
             self.blocked_forever = false;
         }
@@ -798,174 +585,48 @@ impl Session {
         result.map_err(SessionError::Client)?;
         // A slow client is not a slow member: the wait for the next reply starts now.
         self.last_activity = Instant::now();
-        if self.quitting && self.pending.is_empty() {
-            self.upstream = None; // QUIT answered: the member closes, so do we
-        }
+        self.last_client_io = self.last_activity;
         Ok(())
     }
 
-    /// The upstream failed: answer what was in flight, report the member, and detach.
-    async fn upstream_lost(&mut self, signal: Signal, why: &str) -> Result<(), SessionError> {
-        let Some(lost) = self.upstream.take() else {
-            return Ok(());
+    /// The client is gone (or half-closed): once every complete command it sent is out,
+    /// tell the member, which answers what it runs and then closes, as Redis does with a
+    /// client that closed. Returns false when there is nothing left to wait for.
+    async fn half_close_upstream(&mut self) -> bool {
+        if self.ledger.in_flight() == 0 && self.streaming != Streaming::Sending {
+            return false;
+        }
+        let Some(upstream) = self.upstream.as_mut() else {
+            return false;
         };
-        let member = self.ctx.members.get(lost.member);
-        let id = member.id().to_string();
-        self.commands = None;
-        if self.quitting {
-            return Ok(()); // the member closed after QUIT, or died then: either way, done
-        }
-        let idle = self.pending.is_empty() && !self.multi && !self.watching && !self.passthrough;
-        if idle && signal == Signal::ConnectionLost {
-            // Nothing was owed: an idle connection closed (the member's `timeout`, CLIENT
-            // KILL). Reconnect quietly; a dead member shows on that connect. Tracking that
-            // redirects to another connection's id cannot follow: close, as on a failure.
-            debug!(member = %id, why, "idle upstream closed");
-            if self.state.tracking_redirected() {
-                self.ctx.metrics.sessions_lost.inc();
-                return Err(SessionError::Unrecoverable(id));
+        if !self.upstream_shut {
+            self.upstream_shut = true;
+            if let Err(e) = upstream.stream.shutdown().await {
+                debug!(error = %e, "cannot shut the upstream's write side");
+                return false;
             }
-            self.detach();
-            return Ok(());
         }
-        member.report(signal);
-        if self.retry_in_flight_reads() {
-            info!(member = %id, why, "member failed; in-flight reads go to the next member");
-            self.detach_after_failure(lost.member);
-            return Ok(());
-        }
-        if self.passthrough || self.reply_scanner.mid_frame() || self.state.tracking_redirected() {
-            self.ctx.metrics.sessions_lost.inc();
-            return Err(SessionError::Unrecoverable(id));
-        }
-        let n: usize = self.pending.iter().map(|p| p.owed).sum();
-        warn!(member = %id, why, inflight = n, "member failed with commands in flight");
-        let reply = format!(
-            "-OUTCOMEUNKNOWN geoproxy: member {id} failed before replying ({signal}); \
-             the command may or may not have run and was not retried\r\n"
-        );
-        let mut out = Vec::with_capacity(reply.len() * n);
-        for _ in 0..n {
-            out.extend_from_slice(reply.as_bytes());
-        }
-        self.pending.clear();
-        self.blocked_until = None;
-        self.blocked_forever = false;
-        self.ctx.metrics.inflight_errors(&id, n as u64);
-        if n > 0 {
-            self.ctx.metrics.sessions_interrupted.inc();
-        }
-        if self.multi {
-            self.broken = Some(Broken::Multi { member: id.clone() });
-        } else if self.watching {
-            self.broken = Some(Broken::Watch { queuing: false });
-        }
-        self.multi = false;
-        self.watching = false;
-        self.detach_after_failure(lost.member);
+        true
+    }
+
+    async fn write_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.last_client_io = Instant::now();
         self.client
-            .write_all(&out)
+            .write_all(bytes)
             .await
             .map_err(SessionError::Client)
     }
 
-    /// With `retry_reads`, when every command in flight is read-only (and nothing of a
-    /// reply has reached the client), puts them back in front of the unsent commands, to
-    /// go to the next member. Returns whether it did.
-    fn retry_in_flight_reads(&mut self) -> bool {
-        let all_reads = !self.pending.is_empty() && self.pending.iter().all(|p| p.retry.is_some());
-        let in_transaction = self.multi || self.watching;
-        if !self.ctx.retry_reads || !all_reads || in_transaction || self.reply_scanner.mid_frame() {
-            return false;
+    /// Gives back buffer memory that one big frame made grow.
+    fn shrink_buffers(&mut self) {
+        if self.requests.is_empty() && self.requests.capacity() > SHRINK_ABOVE {
+            self.requests = BytesMut::new();
         }
-        self.ctx
-            .metrics
-            .retried_reads
-            .inc_by(self.pending.len() as u64);
-        let mut again = BytesMut::new();
-        for p in self.pending.drain(..) {
-            again.extend_from_slice(&p.retry.unwrap_or_default());
+        if self.replies.is_empty() && self.replies.capacity() > SHRINK_ABOVE {
+            self.replies = BytesMut::new();
         }
-        again.extend_from_slice(&self.requests);
-        self.requests = again;
-        self.request_scanner = RequestScanner::default();
-        self.blocked_until = None;
-        self.blocked_forever = false;
-        true
-    }
-
-    /// Forgets the failed upstream's reply stream and waits for the next member.
-    fn detach_after_failure(&mut self, member: MemberIdx) {
-        self.replies.clear();
-        self.reply_scanner = ReplyScanner::default();
-        self.failed = Some((member, self.route_seen.epoch));
-        self.detached_since = Some(Instant::now());
-    }
-
-    /// When the session must wake up by itself: a reply overdue, or waiting commands due
-    /// for `-UNAVAILABLE`.
-    fn deadline(&self) -> Option<Instant> {
-        if self.upstream.is_some() {
-            if self.pending.is_empty() || self.blocked_forever || self.passthrough {
-                return None;
-            }
-            let since = match self.blocked_until {
-                Some(b) => b.max(self.last_activity),
-                None => self.last_activity,
-            };
-            return Some(since + self.ctx.reply_timeout);
-        }
-        let since = self.detached_since?;
-        self.stalled.then_some(since + self.ctx.unavailable_timeout)
-    }
-
-    /// Enables the timer when the session has a deadline. The timer is reset only when it
-    /// would fire too late: an early firing just re-arms it, which keeps timer updates off
-    /// the per-command path (a busy session resets it about once per `reply_timeout`).
-    fn arm_timer(&mut self) {
-        let Some(want) = self.deadline() else {
-            self.timer_enabled = false;
-            return;
-        };
-        self.timer_enabled = true;
-        if self.timer_at.is_none_or(|at| at > want) {
-            self.timer.as_mut().reset(want);
-            self.timer_at = Some(want);
-        }
-    }
-
-    async fn on_timer(&mut self) -> Result<(), SessionError> {
-        let overdue = self.deadline().is_some_and(|d| d <= Instant::now());
-        if overdue && self.upstream.is_some() {
-            let timeout = self.ctx.reply_timeout;
-            return self
-                .upstream_lost(
-                    Signal::ReplyTimeout,
-                    &format!("no reply within {timeout:?}"),
-                )
-                .await;
-        }
-        Ok(()) // waiting commands are answered by forward_requests on the next turn
     }
 }
-
-/// Whether the session looks at a command's arguments (blocking timeouts, session state,
-/// subscriptions).
-fn needs_args(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Blocking(_) | Kind::Subscribe(_) | Kind::Unsubscribe(_)
-    ) || Change::possible(kind)
-}
-
-/// A buffered command that could not join a batch.
-struct Local {
-    len: usize,
-    kind: Kind,
-}
-
-/// RESP3 push telling a tracking client to flush its whole cache.
-const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
 
 /// The reply to a command when no member is available.
 const UNAVAILABLE: &[u8] = b"-UNAVAILABLE geoproxy: no member available\r\n";

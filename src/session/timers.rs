@@ -1,0 +1,187 @@
+//! The session's one timer and what it measures:
+//! - **reply timeout**: silence from the member while a reply is owed (time since it last
+//!   sent this session a byte, or since the first command of a burst went out), not the
+//!   length of a reply; blocking commands are exempt for as long as their own timeout says,
+//!   MONITOR and raw sessions always;
+//! - **unavailable timeout**: commands waiting for a member get `-UNAVAILABLE` after it;
+//! - **move retry**: a failed connect to the route's member is tried again after a backoff;
+//! - **client idle timeout** (`proxy.client_idle_timeout`, Redis's `timeout`).
+//!
+//! One `Sleep` is re-armed only when it would fire too late: an early firing just re-arms
+//! it, which keeps timer updates off the per-command path.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::time::{sleep_until, Instant, Sleep};
+
+/// When the session must wake up by itself.
+impl super::Session {
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        let idle = self.idle_deadline();
+        if self.upstream.is_some() {
+            let owed = self.ledger.in_flight() > 0;
+            // Silence is not a hang when the member streams unasked or the reply may wait.
+            let timed =
+                owed && !self.blocked_forever && !self.ledger.raw() && !self.ledger.monitoring();
+            let reply = timed.then(|| {
+                let since = match self.blocked_until {
+                    Some(b) => b.max(self.last_activity),
+                    None => self.last_activity,
+                };
+                since + self.ctx.reply_timeout
+            });
+            return earliest(reply, idle);
+        }
+        let since = self.detached_since?;
+        let unavailable = self.stalled.then_some(since + self.ctx.unavailable_timeout);
+        let retry = self
+            .stalled
+            .then_some(self.backoff.not_before.map(|(t, _)| t))
+            .flatten();
+        earliest(earliest(unavailable, retry), idle)
+    }
+
+    /// When an idle client is closed (`proxy.client_idle_timeout`): never while it is
+    /// subscribed, blocked, in MONITOR or relayed raw, or while replies are owed, as Redis.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let timeout = self.ctx.client_idle_timeout?;
+        let exempt = self.ledger.in_flight() > 0
+            || self.ledger.state().subscribed()
+            || self.ledger.monitoring()
+            || self.ledger.raw();
+        (!exempt).then(|| self.last_client_io + timeout)
+    }
+
+    /// The timer fired. Returns true when the session must end (idle client).
+    pub(super) async fn on_timer(&mut self) -> Result<bool, super::SessionError> {
+        let now = Instant::now();
+        if self.idle_deadline().is_some_and(|d| d <= now) {
+            tracing::debug!("client idle timeout");
+            return Ok(true);
+        }
+        let reply_overdue = self.upstream.is_some()
+            && self.ledger.in_flight() > 0
+            && self.deadline().is_some_and(|d| d <= now);
+        if reply_overdue {
+            let timeout = self.ctx.reply_timeout;
+            self.upstream_lost(
+                crate::member::Signal::ReplyTimeout,
+                &format!("no reply within {timeout:?}"),
+            )
+            .await?;
+        }
+        // Waiting commands are answered (or sent) by forward_requests on the next turn.
+        Ok(false)
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Shortest and longest pause before connecting again to a member that just refused.
+const MOVE_BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
+
+/// The timer of one session.
+pub struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    /// Where `sleep` is set; `None` once it fired.
+    at: Option<Instant>,
+    /// The session has a deadline, so the timer is polled.
+    pub enabled: bool,
+}
+
+impl Timer {
+    pub fn new(now: Instant) -> Timer {
+        Timer {
+            sleep: Box::pin(sleep_until(now)),
+            at: None,
+            enabled: false,
+        }
+    }
+
+    /// Arms the timer for `want` (or disables it).
+    pub fn arm(&mut self, want: Option<Instant>) {
+        let Some(want) = want else {
+            self.enabled = false;
+            return;
+        };
+        self.enabled = true;
+        if self.at.is_none_or(|at| at > want) {
+            self.sleep.as_mut().reset(want);
+            self.at = Some(want);
+        }
+    }
+
+    /// Waits for the deadline (only polled while `enabled`).
+    pub async fn fired(&mut self) {
+        self.sleep.as_mut().await;
+        self.at = None;
+    }
+}
+
+/// The backoff between attempts to open an upstream on the same route.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    /// Not before this instant, under the route epoch given.
+    pub not_before: Option<(Instant, u64)>,
+    delay: Duration,
+}
+
+impl Backoff {
+    /// An attempt under route `epoch` failed at `now`.
+    pub fn failed(&mut self, now: Instant, epoch: u64) {
+        self.delay = (self.delay * 2).clamp(MOVE_BACKOFF.0, MOVE_BACKOFF.1);
+        self.not_before = Some((now + self.delay, epoch));
+    }
+
+    /// May the session try now, under route `epoch`? A new route is tried at once.
+    pub fn ready(&self, now: Instant, epoch: u64) -> bool {
+        self.not_before.is_none_or(|(t, e)| e != epoch || now >= t)
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+/// When a blocking command may end, from its own timeout (`None`: forever). Checked: a
+/// deadline past what an `Instant` holds is forever.
+pub fn block_deadline(now: Instant, timeout: Option<Duration>) -> Option<Instant> {
+    now.checked_add(timeout?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_a_new_route_resets_the_wait() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.ready(now, 1));
+        b.failed(now, 1);
+        assert!(!b.ready(now, 1));
+        assert!(b.ready(now, 2), "a new route is tried at once");
+        assert!(b.ready(now + Duration::from_millis(20), 1));
+        b.failed(now, 1);
+        assert!(!b.ready(now + Duration::from_millis(20), 1));
+        for _ in 0..20 {
+            b.failed(now, 1);
+        }
+        assert!(b.ready(now + Duration::from_secs(1), 1), "capped at 1 s");
+        b.succeeded();
+        assert!(b.ready(now, 1));
+    }
+
+    #[test]
+    fn huge_block_timeouts_are_forever_not_a_panic() {
+        let now = Instant::now();
+        assert_eq!(block_deadline(now, Some(Duration::MAX)), None);
+        assert!(block_deadline(now, Some(Duration::from_secs(1))).is_some());
+    }
+}
