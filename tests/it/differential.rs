@@ -44,7 +44,8 @@
 //!   `GEOPROXY_DIFF_SEED=N+i GEOPROXY_DIFF_CASES=1` replays case `i` alone).
 //!   `GEOPROXY_DIFF_SHRINK_SECS` bounds the minimization of the first failing generated case
 //!   (default 20; 0 turns it off); `GEOPROXY_DIFF_LANES` sets how many cases run in parallel
-//!   (default 3).
+//!   (default 3); `GEOPROXY_DIFF_WITHOUT="QUIT,CLIENT REPLY"` leaves out the generator's
+//!   commands that start so (to look past a known bug).
 //! - A failure prints the script in the corpus format, both byte streams and the first
 //!   differing offset; save the script as `tests/diff/NAME.txt` to keep it as a case.
 
@@ -277,10 +278,20 @@ const COMMANDS: &[(u32, &str)] = &[
 /// One item: a command (multibulk, or inline one time in five when its words allow), or
 /// rarely an empty inline line.
 fn item() -> impl Strategy<Value = Item> {
+    // GEOPROXY_DIFF_WITHOUT="QUIT,CLIENT REPLY": leave out the commands starting so (to look
+    // past a known bug).
+    let without = std::env::var("GEOPROXY_DIFF_WITHOUT").unwrap_or_default();
+    let without: Vec<&str> = without
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect();
     let table: Vec<&'static str> = COMMANDS
         .iter()
+        .filter(|(_, c)| !without.iter().any(|w| c.starts_with(w)))
         .flat_map(|&(w, c)| std::iter::repeat_n(c, w as usize))
         .collect();
+    assert!(!table.is_empty(), "GEOPROXY_DIFF_WITHOUT leaves no command");
     (prop::sample::select(table), 0u8..20).prop_map(|(line, form)| {
         let args = split_words(line).expect("a valid command line");
         match form {
@@ -412,8 +423,13 @@ async fn differential_generated() {
                 " (budget spent: raise GEOPROXY_DIFF_SHRINK_SECS)"
             },
         ));
-        m.push_str("\nEvery failing case (first line of its report, then its script):\n");
-        for (script, report) in &proxy {
+        const LISTED: usize = 40;
+        m.push_str(&format!(
+            "\nThe failing cases (first line of the report, then the script; {} of {}):\n",
+            proxy.len().min(LISTED),
+            proxy.len()
+        ));
+        for (script, report) in proxy.iter().take(LISTED) {
             m.push_str(&format!("\n{}\n", first_line(report)));
             for line in script.render().lines() {
                 m.push_str(&format!("    {line}\n"));

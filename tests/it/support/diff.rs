@@ -32,9 +32,9 @@ pub const CHUNK_PAUSE: Duration = Duration::from_millis(2);
 pub const REPLY_TIMEOUT: &str = "300ms";
 /// After the last batch, how long more to listen: longer than [`REPLY_TIMEOUT`], so a
 /// reply the proxy wrongly thinks is owed ends in a stray error that arrives here.
-pub const LATE_WAIT: Duration = Duration::from_millis(500);
+pub const LATE_WAIT: Duration = Duration::from_millis(400);
 /// How long a lane waits for the servers to see the last case's connections closed.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------
 // Scripts
@@ -740,8 +740,8 @@ fn describe(
 ) {
     let total: usize = masked.iter().map(Vec::len).sum();
     let close = match (o.closed_at, o.reset) {
-        (Some(n), false) => format!("closed by the peer after {n} bytes"),
-        (Some(n), true) => format!("reset by the peer after {n} bytes"),
+        (Some(n), false) => format!("then closed by the peer ({n} bytes as received)"),
+        (Some(n), true) => format!("then reset by the peer ({n} bytes as received)"),
         (None, _) => "connection still open".to_string(),
     };
     let _ = writeln!(m, "--- {label}: {total} bytes (masked), {close}");
@@ -766,10 +766,7 @@ fn describe(
         let _ = writeln!(m, "    [{title}]");
         let mut start = 0;
         while start < seg.len() {
-            let end = seg[start..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(seg.len(), |p| start + p + 1);
+            let end = display_line_end(seg, start);
             let at = offset + start;
             let marker = match first {
                 Some(f) if f >= at && f < offset + end => " <-- first difference",
@@ -782,6 +779,28 @@ fn describe(
     }
     if first == Some(total) {
         let _ = writeln!(m, "    {total:>6}  (end) <-- first difference");
+    }
+}
+
+/// Where the display line starting at `start` ends: after the next `\n`, or, for a bulk
+/// header (`$5\r\n`, also `=` and `!`), after the payload that follows it.
+fn display_line_end(seg: &[u8], start: usize) -> usize {
+    let line_end = |from: usize| {
+        seg[from..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(seg.len(), |p| from + p + 1)
+    };
+    let end = line_end(start);
+    if !matches!(seg[start], b'$' | b'=' | b'!') || !seg[..end].ends_with(b"\r\n") {
+        return end;
+    }
+    let len: Option<usize> = std::str::from_utf8(&seg[start + 1..end - 2])
+        .ok()
+        .and_then(|n| n.parse().ok());
+    match len {
+        Some(n) if seg.get(end + n..end + n + 2) == Some(b"\r\n") => end + n + 2,
+        _ => end,
     }
 }
 
@@ -1063,7 +1082,9 @@ pub async fn minimize(
     }
 }
 
-/// Candidates one step smaller than `s`, most promising (biggest cut) first.
+/// Candidates one step smaller than `s`, biggest cuts first: drop a batch; drop a run of
+/// `k` items (k = half the items, a quarter, ..., 1; batches left empty go too); merge a
+/// batch into the one before; drop a batch's cuts.
 fn smaller(s: &Script) -> Vec<Script> {
     let mut out = Vec::new();
     let with = |batches: Vec<Batch>| Script {
@@ -1071,7 +1092,6 @@ fn smaller(s: &Script) -> Vec<Script> {
         batches,
     };
     let n = s.batches.len();
-    // Drop a batch (not the last one alone: a script needs a batch).
     if n > 1 {
         for i in 0..n {
             let mut b = s.batches.clone();
@@ -1079,21 +1099,29 @@ fn smaller(s: &Script) -> Vec<Script> {
             out.push(with(b));
         }
     }
-    // Drop one item.
-    for i in 0..n {
-        for j in 0..s.batches[i].items.len() {
+    // Items by (batch, index), in order.
+    let items: Vec<(usize, usize)> = s
+        .batches
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| (0..b.items.len()).map(move |j| (i, j)))
+        .collect();
+    let mut k = items.len() / 2;
+    while k >= 1 {
+        for start in (0..items.len()).step_by(k) {
+            let drop = &items[start..(start + k).min(items.len())];
             let mut b = s.batches.clone();
-            b[i].items.remove(j);
-            b[i].cuts.clear();
-            if b[i].items.is_empty() && !b[i].shutdown {
-                b.remove(i);
+            for &(i, j) in drop.iter().rev() {
+                b[i].items.remove(j);
+                b[i].cuts.clear();
             }
-            if !b.is_empty() {
+            b.retain(|x| !x.items.is_empty() || x.shutdown);
+            if !b.is_empty() && b != s.batches {
                 out.push(with(b));
             }
         }
+        k /= 2;
     }
-    // Merge a batch into the previous one.
     for i in 1..n {
         let mut b = s.batches.clone();
         let next = b.remove(i);
@@ -1102,7 +1130,6 @@ fn smaller(s: &Script) -> Vec<Script> {
         b[i - 1].cuts.clear();
         out.push(with(b));
     }
-    // Drop the cuts of a batch.
     for i in 0..n {
         if !s.batches[i].cuts.is_empty() {
             let mut b = s.batches.clone();
