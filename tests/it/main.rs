@@ -3,6 +3,7 @@
 
 mod binary;
 mod commands;
+mod differential;
 mod failover;
 mod network;
 mod python;

@@ -4,6 +4,7 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod diff;
 pub mod proxy;
 pub mod redis_server;
 pub mod relay;
