@@ -35,6 +35,9 @@ pub enum Kind {
     Monitor,
     /// `QUIT`: the member replies `+OK` and closes.
     Quit,
+    /// An empty command (`*0`, a blank inline line): Redis answers nothing, but counts it
+    /// as the command a `CLIENT REPLY SKIP` skips.
+    Empty,
     /// `PING`: allowed (and answered differently) while subscribed in RESP2.
     Ping,
     /// `SYNC`, `PSYNC`, and module commands that block or subscribe: what follows cannot be

@@ -28,10 +28,42 @@ pub const MAX_INLINE_LEN: usize = 64 * 1024;
 pub const MAX_NESTING: usize = 128;
 
 /// Bad framing from a client or a member. The text is what follows `-ERR Protocol error: `,
-/// worded as Redis words it where Redis has a message for the case.
+/// worded as Redis words it where Redis has a message for the case; the byte, when there is
+/// one, is the unexpected one Redis quotes (`expected '$', got '+'`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ProtocolError(pub &'static str);
+#[error("{}", self.text())]
+pub struct ProtocolError(pub &'static str, pub Option<u8>);
+
+impl ProtocolError {
+    pub const fn new(message: &'static str) -> ProtocolError {
+        ProtocolError(message, None)
+    }
+
+    /// A multibulk element that is not a bulk string: Redis names the byte it found.
+    pub const fn expected_bulk(got: u8) -> ProtocolError {
+        ProtocolError("expected '$', got", Some(got))
+    }
+
+    fn text(&self) -> String {
+        match self.1 {
+            Some(b) => format!("{} '{}'", self.0, b as char),
+            None => self.0.to_string(),
+        }
+    }
+
+    /// The exact error reply Redis sends for it (the quoted byte raw, as Redis writes it,
+    /// CR and LF as spaces).
+    pub fn reply(&self) -> Vec<u8> {
+        let mut out = b"-ERR Protocol error: ".to_vec();
+        out.extend_from_slice(self.0.as_bytes());
+        if let Some(b) = self.1 {
+            let b = if matches!(b, b'\r' | b'\n') { b' ' } else { b };
+            out.extend_from_slice(&[b' ', b'\'', b, b'\'']);
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
 
 /// Finds the RESP line starting at `from`: returns the index of its `\r` and the index just
 /// past its `\n`, or `None` while the line is incomplete. As in Redis, the byte after `\r` is

@@ -169,7 +169,7 @@ impl ReplyScanner {
             };
             let Some((cr, next)) = find_line(buf, pos + 1) else {
                 return if buf.len() - pos > MAX_REPLY_LINE {
-                    Err(ProtocolError("too long reply line from member"))
+                    Err(ProtocolError::new("too long reply line from member"))
                 } else {
                     Ok(pos)
                 };
@@ -212,23 +212,24 @@ impl ReplyScanner {
                     self.element_done(false, pos, &mut on_reply)
                 }
                 b'$' | b'!' | b'=' => {
-                    let len = parse_int(header).ok_or(ProtocolError("invalid bulk length"))?;
+                    let len = parse_int(header).ok_or(ProtocolError::new("invalid bulk length"))?;
                     if len < 0 {
                         self.element_done(false, pos, &mut on_reply); // RESP2 null bulk
                     } else if len as usize > MAX_BULK_LEN {
-                        return Err(ProtocolError("invalid bulk length"));
+                        return Err(ProtocolError::new("invalid bulk length"));
                     } else {
                         self.body_left = len as usize + 2;
                     }
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    let n = parse_int(header).ok_or(ProtocolError("invalid multibulk length"))?;
+                    let n =
+                        parse_int(header).ok_or(ProtocolError::new("invalid multibulk length"))?;
                     let pairs = matches!(kind, b'%' | b'|');
                     let attribute = kind == b'|';
                     if n <= 0 {
                         self.element_done(attribute, pos, &mut on_reply); // empty or null (`*-1`)
                     } else if self.stack.len() >= MAX_NESTING {
-                        return Err(ProtocolError("reply nested too deeply"));
+                        return Err(ProtocolError::new("reply nested too deeply"));
                     } else {
                         let left = if pairs { n as u64 * 2 } else { n as u64 };
                         self.at_first_element =
@@ -236,7 +237,7 @@ impl ReplyScanner {
                         self.stack.push(Open { left, attribute });
                     }
                 }
-                _ => return Err(ProtocolError("unexpected type byte in reply")),
+                _ => return Err(ProtocolError::new("unexpected type byte in reply")),
             }
         }
     }

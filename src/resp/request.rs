@@ -54,9 +54,9 @@ impl RequestScanner {
             let Some((cr, next)) = find_line(buf, 1) else {
                 return too_long(buf, "too big mbulk count string");
             };
-            let n = parse_int(&buf[1..cr]).ok_or(ProtocolError("invalid multibulk length"))?;
+            let n = parse_int(&buf[1..cr]).ok_or(ProtocolError::new("invalid multibulk length"))?;
             if n > MAX_MULTIBULK_LEN as i64 {
-                return Err(ProtocolError("invalid multibulk length"));
+                return Err(ProtocolError::new("invalid multibulk length"));
             }
             if n <= 0 {
                 // Redis skips an empty multibulk without replying.
@@ -85,14 +85,15 @@ impl RequestScanner {
                 return Ok(None);
             };
             if kind != b'$' {
-                return Err(ProtocolError("expected '$', got something else"));
+                return Err(ProtocolError::expected_bulk(kind));
             }
             let Some((cr, body)) = find_line(buf, at + 1) else {
                 return too_long(&buf[at..], "too big bulk count string");
             };
-            let len = parse_int(&buf[at + 1..cr]).ok_or(ProtocolError("invalid bulk length"))?;
+            let len =
+                parse_int(&buf[at + 1..cr]).ok_or(ProtocolError::new("invalid bulk length"))?;
             if !(0..=MAX_BULK_LEN as i64).contains(&len) {
-                return Err(ProtocolError("invalid bulk length"));
+                return Err(ProtocolError::new("invalid bulk length"));
             }
             let end = body + len as usize;
             if self.seen == 0 {
@@ -142,7 +143,7 @@ impl RequestScanner {
 /// A header line without its `\r\n` yet: incomplete, unless it is already over Redis's limit.
 fn too_long(buf: &[u8], message: &'static str) -> Result<Option<Frame>, ProtocolError> {
     if buf.len() > MAX_INLINE_LEN {
-        Err(ProtocolError(message))
+        Err(ProtocolError::new(message))
     } else {
         Ok(None)
     }
@@ -152,7 +153,7 @@ fn too_long(buf: &[u8], message: &'static str) -> Result<Option<Frame>, Protocol
 fn scan_inline(buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
     let Some(lf) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() > MAX_INLINE_LEN {
-            Err(ProtocolError("too big inline request"))
+            Err(ProtocolError::new("too big inline request"))
         } else {
             Ok(None)
         };
@@ -169,7 +170,7 @@ fn scan_inline(buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
 /// Splits an inline command line into arguments as Redis's `sdssplitargs` does: spaces
 /// separate, `"..."` understands `\n \r \t \b \a \\ \" \xHH`, `'...'` only `\'`.
 pub fn split_inline(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
-    const UNBALANCED: ProtocolError = ProtocolError("unbalanced quotes in request");
+    const UNBALANCED: ProtocolError = ProtocolError::new("unbalanced quotes in request");
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut args = Vec::new();
     let mut i = 0;
@@ -325,7 +326,10 @@ mod tests {
         assert_eq!(e(b"*x\r\n"), "invalid multibulk length");
         assert_eq!(e(b"*1\r\n$600000000\r\n"), "invalid bulk length");
         assert_eq!(e(b"*1\r\n$-1\r\n"), "invalid bulk length");
-        assert_eq!(e(b"*1\r\n+OK\r\n"), "expected '$', got something else");
+        assert_eq!(
+            scan_all(b"*1\r\n+OK\r\n").unwrap_err().reply(),
+            b"-ERR Protocol error: expected '$', got '+'\r\n"
+        );
         let long = vec![b'a'; MAX_INLINE_LEN + 1];
         assert_eq!(e(&long), "too big inline request");
         assert_eq!(e(b"SET \"abc\r\n"), "unbalanced quotes in request");

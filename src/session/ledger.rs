@@ -192,6 +192,11 @@ impl Ledger {
         self.asked.quit
     }
 
+    /// Nothing is owed but (perhaps) QUIT's own reply.
+    pub fn only_quit_in_flight(&self) -> bool {
+        self.queue.iter().all(|e| e.kind == Kind::Quit)
+    }
+
     /// Whether the client believes it is inside MULTI, and WATCHing.
     pub fn in_transaction(&self) -> (bool, bool) {
         (self.asked.multi, self.asked.watching)
@@ -214,6 +219,8 @@ impl Ledger {
     pub fn sent(&mut self, cmd: Command<'_>) -> Sent {
         let mut sent = Sent::default();
         if self.raw {
+            // Nothing is counted, but QUIT still ends the session.
+            self.asked.quit |= cmd.kind == Kind::Quit;
             return sent;
         }
         let reply_mode = match cmd.kind {
@@ -326,7 +333,10 @@ impl Ledger {
         };
         for entry in self.queue.drain(..) {
             let expect = probe.expect(&entry);
-            owed += expect.frames.saturating_sub(entry.confirmed);
+            // QUIT's outcome is known: the connection ends either way.
+            if entry.kind != Kind::Quit {
+                owed += expect.frames.saturating_sub(entry.confirmed);
+            }
             probe.complete(entry, None, expect.runs);
         }
         self.reattached();
@@ -336,7 +346,11 @@ impl Ledger {
     /// A new upstream with the accepted state replayed: nothing in flight, a fresh view.
     pub fn reattached(&mut self) {
         self.queue.clear();
-        self.asked = Asked::default();
+        // QUIT stays sent: the session ends.
+        self.asked = Asked {
+            quit: self.asked.quit,
+            ..Asked::default()
+        };
         self.seen = Seen {
             reply: if self.state.reply_off {
                 ReplyMode::Off
@@ -373,6 +387,9 @@ impl Ledger {
             frames: 0,
             runs: true,
         };
+        if entry.kind == Kind::Empty {
+            return NOTHING;
+        }
         if self.seen.monitor {
             // A MONITOR connection's replies mix with the stream; only RESET's is told apart.
             return if entry.kind == Kind::Reset {
@@ -488,7 +505,7 @@ impl Ledger {
         if self.seen.reply == ReplyMode::Skip {
             self.seen.reply = ReplyMode::On;
         }
-        if !runs {
+        if !runs || entry.kind == Kind::Empty {
             return;
         }
         let ok = reply.is_none_or(|r| !r.is_error());

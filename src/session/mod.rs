@@ -212,8 +212,7 @@ impl Session {
             if !owed {
                 if let Some(e) = self.protocol_error.take() {
                     self.ctx.metrics.protocol_errors.inc();
-                    let reply = format!("-ERR Protocol error: {e}\r\n");
-                    let _ = self.client.write_all(reply.as_bytes()).await;
+                    let _ = self.client.write_all(&e.reply()).await;
                     return Ok(());
                 }
                 if draining {
@@ -230,7 +229,6 @@ impl Session {
             self.timer.arm(self.deadline());
             let read_client = !draining
                 && !self.client_eof
-                && !self.ledger.quitting()
                 && self.protocol_error.is_none()
                 && (!self.stalled || self.requests.len() < MAX_WAITING_BYTES);
             match self.next_event(read_client, draining, &shutdown).await {
@@ -315,6 +313,13 @@ impl Session {
     /// streams a large command that is still arriving; answers locally the commands the
     /// proxy must answer.
     async fn forward_requests(&mut self) -> Result<(), SessionError> {
+        if self.ledger.quitting() {
+            // Redis reads no command after QUIT: what follows is dropped. (Reading goes
+            // on, so a client that leaves is seen even when QUIT got no reply.)
+            self.requests.clear();
+            self.request_scanner = RequestScanner::default();
+            return Ok(());
+        }
         loop {
             self.stalled = false;
             let mut end = 0;
@@ -350,7 +355,11 @@ impl Session {
                 }
                 let bytes = &self.requests[end..end + frame.len];
                 if frame.argc == 0 {
-                    end += frame.len; // Redis skips an empty command without a reply.
+                    // No reply, but it uses up a CLIENT REPLY SKIP: the member must see it.
+                    if self.upstream.is_some() {
+                        self.record(Kind::Empty, &[], None);
+                    }
+                    end += frame.len;
                     continue;
                 }
                 if frame.inline {

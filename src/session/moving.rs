@@ -149,6 +149,10 @@ impl Session {
         if self.streaming == Streaming::Sending {
             self.streaming = Streaming::Dropping; // its tail never reaches a member
         }
+        if self.ledger.quitting() && self.ledger.only_quit_in_flight() {
+            // QUIT answered (or about to be): the member closes, and so does the session.
+            return Ok(());
+        }
         let idle = self.ledger.in_flight() == 0 && self.quiescent_after_loss();
         if idle && signal == Signal::ConnectionLost && !self.ledger.quitting() {
             // Nothing was owed: an idle connection closed (the member's `timeout`, CLIENT

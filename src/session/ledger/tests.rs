@@ -282,3 +282,19 @@ fn exec_element_errors_past_the_64th_are_unknown() {
     feed(&mut l, &replies);
     assert!(l.raw(), "whether SELECT ran cannot be told: stop counting");
 }
+
+#[test]
+fn an_empty_command_uses_up_a_skip() {
+    // Redis: CLIENT REPLY SKIP, a blank line, MULTI -> MULTI is answered.
+    let mut l = Ledger::default();
+    send(&mut l, "CLIENT REPLY SKIP");
+    l.sent(Command {
+        kind: Kind::Empty,
+        args: &[],
+        retry: None,
+    });
+    send(&mut l, "MULTI");
+    assert_eq!(l.in_flight(), 1);
+    assert_eq!(feed(&mut l, b"+OK\r\n"), "R");
+    assert_eq!(l.in_transaction(), (true, false));
+}
