@@ -340,9 +340,11 @@ impl Session {
                     }
                 };
                 match self.streaming {
-                    // The tail of a streamed command: already recorded.
+                    // The tail of a streamed command: already recorded. The member's
+                    // silence counts from now on.
                     Streaming::Sending => {
                         self.streaming = Streaming::No;
+                        self.last_activity = Instant::now();
                         end += frame.len;
                         continue;
                     }

@@ -40,9 +40,9 @@ impl Session {
         let route = self.route_seen;
         let current = self.upstream.as_ref().map(|u| u.member);
         // A session with an upstream moves only when quiescent; one without has nothing
-        // to keep. A session whose client left does not move at all.
+        // to keep. A session whose client left (or sent QUIT) does not move at all.
         let stays = current.is_some() && !self.quiescent();
-        if route.member == current || stays || self.client_eof {
+        if route.member == current || stays || self.client_eof || self.ledger.quitting() {
             return Ok(());
         }
         let Some(target) = route.member else {

@@ -143,18 +143,24 @@ fn a_port_in_use_fails_before_serving() {
 }
 
 /// The geoproxy binary in front of one member, serving; killed on drop.
-struct Binary {
+pub struct Binary {
     child: std::process::Child,
-    addr: std::net::SocketAddr,
+    pub addr: std::net::SocketAddr,
     _config: tempfile::NamedTempFile,
 }
 
 impl Binary {
-    async fn start(member: &RedisServer) -> Binary {
+    pub async fn start(member: &RedisServer) -> Binary {
+        Binary::start_with(member, "").await
+    }
+
+    /// With more `[proxy]` keys (TOML lines).
+    pub async fn start_with(member: &RedisServer, extra_proxy: &'static str) -> Binary {
         let (port, admin) = (free_port(), free_port());
         // threads = 0: one worker per core, the binary's default.
         let options = Options {
             threads: 0,
+            extra_proxy,
             ..Options::default()
         };
         let text = config_toml(&[("local", member.addr())], &options)
@@ -164,7 +170,11 @@ impl Binary {
         let child = Command::new(BIN)
             .arg("--config")
             .arg(config.path())
-            .stdout(Stdio::null())
+            // GEOPROXY_LOG=debug shows the binary's logs in a failing test's output.
+            .stdout(match std::env::var_os("GEOPROXY_LOG") {
+                Some(_) => Stdio::inherit(),
+                None => Stdio::null(),
+            })
             .stderr(Stdio::null())
             .spawn()
             .expect("start geoproxy");
@@ -192,7 +202,7 @@ impl Binary {
     }
 
     /// Resident memory of the geoproxy process, in KiB.
-    fn rss_kib(&self) -> u64 {
+    pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("geoproxy is running");
         status

@@ -5,6 +5,7 @@ mod binary;
 mod commands;
 mod differential;
 mod failover;
+mod limits;
 mod network;
 mod python;
 mod sessions;

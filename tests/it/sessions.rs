@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
+
 use redis::Value;
 
 use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
@@ -300,4 +302,75 @@ async fn hello3_and_subscribe_in_one_pipeline() {
     // Nothing is left owed: past reply_timeout the session is still fine.
     tokio::time::sleep(Duration::from_millis(600)).await;
     c.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+}
+
+/// PUBLISH is flagged `pubsub` in the member's COMMAND table, but it is an ordinary
+/// command: a session that published moves and survives a failover like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_published_survives_a_failover() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), Options::default()).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    // The checker has fetched us-east's COMMAND table once PUBLISH's flag is known.
+    eventually(
+        Duration::from_secs(5),
+        "the COMMAND table is fetched",
+        || async { east.info_field("commandstats", "cmdstat_command").is_some() },
+    )
+    .await;
+    raw.roundtrip(b"PUBLISH ch hi\r\n", b":0\r\n").await;
+    raw.roundtrip(b"SPUBLISH ch hi\r\n", b":0\r\n").await;
+    east.kill();
+    wait_active(&proxy, "eu-west").await;
+    raw.roundtrip(b"SET k v\r\n", b"+OK\r\n").await;
+    assert_eq!(west.query(&["GET", "k"]), Value::BulkString(b"v".to_vec()));
+}
+
+/// A member that hangs while QUIT is in flight: the session ends (it does not wait forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_in_flight_on_a_hung_member_ends_the_session() {
+    let member = RedisServer::start();
+    let options = Options {
+        reply_timeout: "300ms",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    member.stop();
+    raw.send(b"QUIT\r\n").await;
+    let started = std::time::Instant::now();
+    assert_eq!(raw.read_to_close().await, b"");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    member.cont();
+}
+
+/// SYNC's RDB payload is a bulk without its CRLF: the session relays it raw, with the
+/// replication stream after it, instead of closing on "malformed RESP".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_relays_the_rdb_and_the_replication_stream() {
+    let member = RedisServer::start();
+    member.query(&["SET", "before", "1"]);
+    let proxy = Proxy::one_member(&member).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.send(b"SYNC\r\n").await;
+    let head = raw.read_until(b"REDIS").await;
+    assert!(
+        head.starts_with(b"$") || head.starts_with(b"\n"),
+        "{head:?}"
+    );
+    member.query(&["SET", "after", "2"]);
+    // Bounded: each read waits at most until the deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while !seen.windows(5).any(|w| w == b"after") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, raw.0.read(&mut buf))
+            .await
+            .expect("the SET is relayed within 5 s")
+            .expect("the session stays open");
+        assert!(n > 0, "the session stays open");
+        seen.extend_from_slice(&buf[..n]);
+    }
 }

@@ -28,6 +28,8 @@ pub struct Options {
     pub retry_reads: bool,
     /// `proxy.threads`: 1 serves on the test's runtime; more start worker threads.
     pub threads: usize,
+    /// More `[proxy]` keys, as TOML lines.
+    pub extra_proxy: &'static str,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             password: None,
             retry_reads: false,
             threads: 1,
+            extra_proxy: "",
         }
     }
 }
@@ -60,6 +63,7 @@ unavailable_timeout = "{unavail}"
 connect_timeout = "500ms"
 shutdown_timeout = "2s"
 threads = {threads}
+{extra}
 {region}
 [admin]
 listen = "127.0.0.1:0"
@@ -87,6 +91,7 @@ retry_reads = {retry_reads}
         after = o.failback_after,
         retry_reads = o.retry_reads,
         threads = o.threads,
+        extra = o.extra_proxy,
     );
     for (id, addr) in members {
         t.push_str(&format!(
