@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit tests, integration tests (against real redis-server
+# Runs the quality gates (cargo fmt --check, cargo clippy -D warnings) and the whole test
+# suite: unit tests, integration tests (against real redis-server
 # processes on free ports) and doc tests. Extra arguments go to `cargo test`, for example
 #   scripts/test.sh -- --nocapture
 #   scripts/test.sh --test it failover
@@ -32,4 +33,7 @@ if ! python3 -c 'import redis' >/dev/null 2>&1; then
 fi
 
 echo "test.sh: $(redis-server --version)"
+# The quality gates first: a change that is not formatted or not clippy-clean does not land.
+cargo fmt --check || die "cargo fmt --check failed: run cargo fmt"
+cargo clippy --locked --all-targets -- -D warnings || die "cargo clippy found warnings"
 exec cargo test --locked "$@"

@@ -19,6 +19,9 @@ pub mod state;
 pub mod timers;
 pub mod transaction;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
