@@ -254,3 +254,26 @@ async fn hostile_clients_cannot_hurt_a_good_one_or_bloat_the_proxy() {
     })
     .await;
 }
+
+/// A command held whole (AUTH's arguments are read) grows the buffer; once it is gone the
+/// buffer is given back, so one big command does not cost its size for the session's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_that_grew_for_one_big_command_shrinks_back() {
+    let member = RedisServer::start();
+    let proxy = Binary::start(&member).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    let before = proxy.rss_kib();
+    let password = "p".repeat(32 * 1024 * 1024);
+    raw.send(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{password}\r\n", password.len()).as_bytes())
+        .await;
+    drop(password);
+    raw.read_until(b"\r\n").await; // Redis's error: no password is set
+    let held = proxy.rss_kib();
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    let after = proxy.rss_kib();
+    assert!(
+        after < before + 8 * 1024,
+        "RSS {before} KiB before, {held} KiB holding the command, {after} KiB after"
+    );
+}
