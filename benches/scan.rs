@@ -1,5 +1,6 @@
 //! The frame scanners on the data path, against redis-protocol's decoders as a baseline:
-//! a pipeline of 16 GET/SET commands (requests) and their replies, and a 16 KiB value.
+//! a pipeline of 16 GET/SET commands (requests) and their replies, and a 16 KiB value; and
+//! the ledger's bookkeeping for the same pipeline.
 //!
 //! `cargo bench --bench scan`
 
@@ -8,6 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use geoproxy::resp::command::{classify, Kind};
 use geoproxy::resp::reply::ReplyScanner;
 use geoproxy::resp::request::RequestScanner;
+use geoproxy::session::ledger::{Command, Ledger};
 
 fn pipeline() -> Vec<u8> {
     let mut buf = Vec::new();
@@ -96,5 +98,32 @@ fn reply_streams(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, requests, reply_streams);
+/// The session's bookkeeping for a pipeline: 16 commands recorded, their 16 replies
+/// placed (the ledger's whole cost per batch, without I/O).
+fn ledger(c: &mut Criterion) {
+    let buf = replies(3);
+    let mut g = c.benchmark_group("ledger");
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("16 commands and replies", |b| {
+        let mut ledger = Ledger::default();
+        b.iter(|| {
+            for _ in 0..16 {
+                ledger.sent(Command {
+                    kind: Kind::Plain,
+                    args: &[],
+                    retry: None,
+                });
+            }
+            ReplyScanner::default()
+                .scan(&buf, |r| {
+                    ledger.frame(r);
+                })
+                .unwrap();
+            ledger.in_flight()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, requests, reply_streams, ledger);
 criterion_main!(benches);

@@ -279,7 +279,10 @@ impl Ledger {
             confirmed: 0,
             retry: cmd.retry,
         });
-        self.settle();
+        // Only a new front can be settled without a frame (a pipeline's tail waits).
+        if self.queue.len() == 1 {
+            self.settle();
+        }
         sent
     }
 

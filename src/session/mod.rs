@@ -541,6 +541,12 @@ impl Session {
                 self.broken = rest;
                 reply
             }
+            other if kind == Kind::Quit => {
+                // No member needed to say goodbye: answer as Redis does, then close.
+                self.broken = other;
+                self.client_eof = true;
+                b"+OK\r\n".to_vec()
+            }
             other => {
                 self.broken = other;
                 // No upstream: wait for a member, up to `unavailable_timeout`.

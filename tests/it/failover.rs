@@ -234,6 +234,10 @@ async fn all_members_down_fails_fast_and_recovers() {
         b"-UNAVAILABLE geoproxy: no member available\r\n",
     )
     .await;
+    // QUIT needs no member: answered and closed, as Redis does.
+    let mut quitter = Raw::connect(proxy.addr).await;
+    quitter.roundtrip(b"QUIT\r\n", b"+OK\r\n").await;
+    assert_eq!(quitter.read_to_close().await, b"");
 
     west.restart();
     set_until_ok(&mut c, "k").await;
