@@ -135,6 +135,14 @@ fn recorded_redis_replies_are_placed_exactly() {
         (fixture!("tracking_resp3"), "RRRP", |l| {
             assert!(l.state().tracking.is_some());
         }),
+        (fixture!("resp3_state"), "RRRRRRRRRRRRRRRRRRRRR", |l| {
+            assert_eq!(l.state(), &SessionState::default(), "RESET at the end");
+            assert!(l.quiescent());
+        }),
+        (fixture!("tracking_resp2"), "RRRRRR", |l| {
+            let options = l.state().tracking.as_ref().expect("tracking on");
+            assert_eq!(options, &[b"BCAST".to_vec(), b"PREFIX".to_vec(), b"a".to_vec()]);
+        }),
         (fixture!("pipelined_protocol"), "RRRRRRRRRRRRRR", |l| {
             assert!(l.state().resp3);
             assert_eq!(l.state().subscription_count(Subscription::Channel), 1);
