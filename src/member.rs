@@ -32,6 +32,8 @@ pub enum Signal {
     ConnectionLost,
     /// No reply within `reply_timeout`: the member accepts but does not answer.
     ReplyTimeout,
+    /// The route left the member because its checks found it down (not reported back).
+    MemberDown,
 }
 
 impl fmt::Display for Signal {
@@ -40,6 +42,7 @@ impl fmt::Display for Signal {
             Signal::ConnectFailed => "connect failed",
             Signal::ConnectionLost => "connection lost",
             Signal::ReplyTimeout => "reply timeout",
+            Signal::MemberDown => "member down",
         })
     }
 }

@@ -38,6 +38,15 @@ impl Session {
             self.route_seen = *self.route.borrow_and_update();
         }
         let route = self.route_seen;
+        if let Some(old) = self.upstream.as_ref().map(|u| u.member) {
+            // The route left a member that is down: what is in flight there will not be
+            // answered, so the session does not wait for its reply timeout to leave.
+            let left_down = route.member != Some(old) && !self.ctx.members.get(old).is_up();
+            if left_down && !self.quiescent() && !self.client_eof {
+                self.upstream_lost(Signal::MemberDown, "the route left it")
+                    .await?;
+            }
+        }
         let current = self.upstream.as_ref().map(|u| u.member);
         // A session with an upstream moves only when quiescent; one without has nothing
         // to keep. A session whose client left (or sent QUIT) does not move at all.
@@ -166,7 +175,9 @@ impl Session {
             self.detach();
             return Ok(());
         }
-        member.report(signal);
+        if signal != Signal::MemberDown {
+            member.report(signal);
+        }
         let (in_multi, watching) = self.ledger.in_transaction();
         let transaction = in_multi || watching;
         if self.ctx.retry_reads && !transaction && !self.reply_scanner.mid_frame() {

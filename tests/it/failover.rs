@@ -88,10 +88,9 @@ async fn commands_in_flight_get_one_error_each_and_are_not_replayed() {
     // Hang the member, then pipeline three INCRs: none can be answered.
     east.stop();
     raw.send(b"INCR n\r\nINCR n\r\nINCR n\r\n").await;
-    let err = "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (reply timeout); \
-               the command may or may not have run and was not retried\r\n";
-    let got = raw.read_exact_len(3 * err.len()).await;
-    assert_eq!(String::from_utf8_lossy(&got), err.repeat(3));
+    for _ in 0..3 {
+        assert_outcome_unknown(&mut raw).await;
+    }
 
     // The same connection goes on, on eu-west; nothing was replayed there.
     raw.roundtrip(b"GET n\r\n", b"$-1\r\n").await;
@@ -363,10 +362,9 @@ async fn retry_reads_resends_in_flight_reads_but_never_writes() {
     reads.send(b"GET a\r\nBITFIELD_RO bits GET u8 0\r\n").await;
     mixed.send(b"GET a\r\nINCR n\r\n").await;
     reads.roundtrip(b"", b"$6\r\nwest-a\r\n*1\r\n:65\r\n").await;
-    let err = "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (reply timeout); \
-               the command may or may not have run and was not retried\r\n";
-    let got = mixed.read_exact_len(2 * err.len()).await;
-    assert_eq!(String::from_utf8_lossy(&got), err.repeat(2));
+    for _ in 0..2 {
+        assert_outcome_unknown(&mut mixed).await;
+    }
     assert_eq!(
         west.query(&["EXISTS", "n"]),
         Value::Int(0),
@@ -440,4 +438,57 @@ async fn worker_threads_share_the_port_and_fail_over_together() {
     assert_eq!(west.query(&["DBSIZE"]), Value::Int(24));
     assert_eq!(proxy.metric("geoproxy_sessions_open").await, 24.0);
     proxy.stop().await;
+}
+
+/// A hung member is left by every session as soon as the checks find it down, commands in
+/// flight and blocked commands included, without waiting for `reply_timeout` (30 s here,
+/// so only the route can explain the result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_commands_in_flight_leave_a_hung_member_with_the_route() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        reply_timeout: "30s",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let mut blocked = Raw::connect(proxy.addr).await;
+    blocked.send(b"BLPOP q 0\r\n").await;
+    let mut busy = Raw::connect(proxy.addr).await;
+    busy.roundtrip(b"SET k east\r\n", b"+OK\r\n").await;
+    wait_blocked(&east, 1).await;
+    east.stop();
+    let started = Instant::now();
+    busy.send(b"GET k\r\n").await;
+    for raw in [&mut busy, &mut blocked] {
+        let got = raw.read_until(b"\r\n").await;
+        assert!(got.starts_with(b"-OUTCOMEUNKNOWN"), "{got:?}");
+    }
+    // Checks every 100 ms, 200 ms timeout, fall 2: well under 3 s, far from 30 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    busy.roundtrip(b"GET k\r\n", b"$-1\r\n").await;
+    blocked.roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    wait_active(&proxy, "eu-west").await;
+    east.cont();
+}
+
+/// Reads one `-OUTCOMEUNKNOWN` reply for a command in flight on a hung us-east. Whichever
+/// sees it first names the cause: the session's reply timeout, or the checks (the route
+/// left a member that is down).
+async fn assert_outcome_unknown(raw: &mut Raw) {
+    let line = String::from_utf8(raw.read_until(b"\r\n").await).unwrap();
+    let reply = |cause: &str| {
+        format!(
+            "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying ({cause}); \
+             the command may or may not have run and was not retried\r\n"
+        )
+    };
+    assert!(
+        line == reply("reply timeout") || line == reply("member down"),
+        "{line:?}"
+    );
 }

@@ -141,7 +141,10 @@ fn recorded_redis_replies_are_placed_exactly() {
         }),
         (fixture!("tracking_resp2"), "RRRRRR", |l| {
             let options = l.state().tracking.as_ref().expect("tracking on");
-            assert_eq!(options, &[b"BCAST".to_vec(), b"PREFIX".to_vec(), b"a".to_vec()]);
+            assert_eq!(
+                options,
+                &[b"BCAST".to_vec(), b"PREFIX".to_vec(), b"a".to_vec()]
+            );
         }),
         (fixture!("pipelined_protocol"), "RRRRRRRRRRRRRR", |l| {
             assert!(l.state().resp3);
