@@ -827,7 +827,7 @@ struct Proxied {
 
 impl Proxied {
     async fn start() -> Proxied {
-        let member = RedisServer::start();
+        let member = start_server().await;
         let options = Options {
             reply_timeout: REPLY_TIMEOUT,
             ..Options::default()
@@ -840,7 +840,7 @@ impl Proxied {
 impl Lane {
     /// A lane with geoproxy (`with_proxy`), or only the two real servers (self-check).
     pub async fn start(with_proxy: bool) -> Lane {
-        let (direct, reference) = (RedisServer::start(), RedisServer::start());
+        let (direct, reference) = (start_server().await, start_server().await);
         let proxied = if with_proxy {
             Some(tokio::sync::Mutex::new(Proxied::start().await))
         } else {
@@ -891,9 +891,12 @@ impl Lane {
             // geoproxy's health-check connection, plus ours for INFO.
             let mut dirty = false;
             if let Err(n) = drained(&p.member, 2).await {
+                let list = admin(&p.member, &["CLIENT", "LIST"]).await;
                 extra.push(format!(
                     "the member still has {n} clients {DRAIN_TIMEOUT:?} after the client \
-                     closed (expected 2: geoproxy's health check and the harness's)"
+                     closed (expected 2: geoproxy's health check and the harness's); its \
+                     CLIENT LIST: {}",
+                    escape(&list)
                 ));
                 dirty = true;
             }
@@ -906,7 +909,12 @@ impl Lane {
                 dirty = true;
             }
             if dirty {
-                *p = Proxied::start().await;
+                // Stopped gracefully: dropping a `Proxy` aborts its server task and leaves its
+                // health checker running, which would connect to any later redis-server that
+                // gets the old member's port.
+                let Proxied { proxy, member } = std::mem::replace(p, Proxied::start().await);
+                proxy.stop().await;
+                drop(member);
             }
         }
         if let Some(reason) = compare(script, &direct, &reference, "redis-server (reference)", &[])
@@ -923,6 +931,14 @@ impl Lane {
             Some(m) => Verdict::Differs(m),
         }
     }
+}
+
+/// `RedisServer::start` sleeps while it waits: off the runtime's workers, which also run
+/// the other lanes' proxies.
+async fn start_server() -> RedisServer {
+    tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .expect("redis-server starts")
 }
 
 fn addr(s: &RedisServer) -> std::net::SocketAddr {
