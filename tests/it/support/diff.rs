@@ -51,16 +51,6 @@ pub enum Item {
 }
 
 impl Item {
-    /// A command from its words (`Item::cmd("SET k v")`).
-    pub fn cmd(words: &str) -> Item {
-        Item::Cmd(
-            words
-                .split_whitespace()
-                .map(|w| w.as_bytes().to_vec())
-                .collect(),
-        )
-    }
-
     pub fn bytes(&self, out: &mut Vec<u8>) {
         match self {
             Item::Cmd(args) => {
@@ -77,16 +67,6 @@ impl Item {
             }
             Item::Raw(bytes) => out.extend_from_slice(bytes),
         }
-    }
-
-    /// The command's name (first word), upper-cased, if it is a command.
-    fn name(&self) -> Option<String> {
-        let first = match self {
-            Item::Cmd(args) => args.first()?.clone(),
-            Item::Inline(line) => line.split(|b| *b == b' ').next()?.to_vec(),
-            Item::Raw(_) => return None,
-        };
-        Some(String::from_utf8_lossy(&first).to_ascii_uppercase())
     }
 
     fn words(&self) -> Vec<String> {
@@ -468,12 +448,6 @@ pub struct Outcome {
     pub write_error: Option<String>,
 }
 
-impl Outcome {
-    pub fn bytes(&self) -> Vec<u8> {
-        self.segments.concat()
-    }
-}
-
 /// Plays `script` on a new connection to `addr`.
 pub async fn play(addr: std::net::SocketAddr, script: &Script) -> Outcome {
     let mut out = Outcome::default();
@@ -647,12 +621,6 @@ pub enum Verdict {
     Differs(String),
     /// The two real servers answered differently: the script is not deterministic.
     Nondeterministic(String),
-}
-
-impl Verdict {
-    pub fn is_same(&self) -> bool {
-        matches!(self, Verdict::Same)
-    }
 }
 
 /// Compares a run; `subject` is the label of `b` (`geoproxy`, or `redis-server (reference)`).
