@@ -51,16 +51,6 @@ pub enum Item {
 }
 
 impl Item {
-    /// A command from its words (`Item::cmd("SET k v")`).
-    pub fn cmd(words: &str) -> Item {
-        Item::Cmd(
-            words
-                .split_whitespace()
-                .map(|w| w.as_bytes().to_vec())
-                .collect(),
-        )
-    }
-
     pub fn bytes(&self, out: &mut Vec<u8>) {
         match self {
             Item::Cmd(args) => {
@@ -77,16 +67,6 @@ impl Item {
             }
             Item::Raw(bytes) => out.extend_from_slice(bytes),
         }
-    }
-
-    /// The command's name (first word), upper-cased, if it is a command.
-    fn name(&self) -> Option<String> {
-        let first = match self {
-            Item::Cmd(args) => args.first()?.clone(),
-            Item::Inline(line) => line.split(|b| *b == b' ').next()?.to_vec(),
-            Item::Raw(_) => return None,
-        };
-        Some(String::from_utf8_lossy(&first).to_ascii_uppercase())
     }
 
     fn words(&self) -> Vec<String> {
@@ -468,12 +448,6 @@ pub struct Outcome {
     pub write_error: Option<String>,
 }
 
-impl Outcome {
-    pub fn bytes(&self) -> Vec<u8> {
-        self.segments.concat()
-    }
-}
-
 /// Plays `script` on a new connection to `addr`.
 pub async fn play(addr: std::net::SocketAddr, script: &Script) -> Outcome {
     let mut out = Outcome::default();
@@ -649,12 +623,6 @@ pub enum Verdict {
     Nondeterministic(String),
 }
 
-impl Verdict {
-    pub fn is_same(&self) -> bool {
-        matches!(self, Verdict::Same)
-    }
-}
-
 /// Compares a run; `subject` is the label of `b` (`geoproxy`, or `redis-server (reference)`).
 pub fn compare(
     script: &Script,
@@ -827,7 +795,7 @@ struct Proxied {
 
 impl Proxied {
     async fn start() -> Proxied {
-        let member = RedisServer::start();
+        let member = start_server().await;
         let options = Options {
             reply_timeout: REPLY_TIMEOUT,
             ..Options::default()
@@ -840,7 +808,7 @@ impl Proxied {
 impl Lane {
     /// A lane with geoproxy (`with_proxy`), or only the two real servers (self-check).
     pub async fn start(with_proxy: bool) -> Lane {
-        let (direct, reference) = (RedisServer::start(), RedisServer::start());
+        let (direct, reference) = (start_server().await, start_server().await);
         let proxied = if with_proxy {
             Some(tokio::sync::Mutex::new(Proxied::start().await))
         } else {
@@ -891,9 +859,12 @@ impl Lane {
             // geoproxy's health-check connection, plus ours for INFO.
             let mut dirty = false;
             if let Err(n) = drained(&p.member, 2).await {
+                let list = admin(&p.member, &["CLIENT", "LIST"]).await;
                 extra.push(format!(
                     "the member still has {n} clients {DRAIN_TIMEOUT:?} after the client \
-                     closed (expected 2: geoproxy's health check and the harness's)"
+                     closed (expected 2: geoproxy's health check and the harness's); its \
+                     CLIENT LIST: {}",
+                    escape(&list)
                 ));
                 dirty = true;
             }
@@ -906,7 +877,12 @@ impl Lane {
                 dirty = true;
             }
             if dirty {
-                *p = Proxied::start().await;
+                // Stopped gracefully: dropping a `Proxy` aborts its server task and leaves its
+                // health checker running, which would connect to any later redis-server that
+                // gets the old member's port.
+                let Proxied { proxy, member } = std::mem::replace(p, Proxied::start().await);
+                proxy.stop().await;
+                drop(member);
             }
         }
         if let Some(reason) = compare(script, &direct, &reference, "redis-server (reference)", &[])
@@ -923,6 +899,14 @@ impl Lane {
             Some(m) => Verdict::Differs(m),
         }
     }
+}
+
+/// `RedisServer::start` sleeps while it waits: off the runtime's workers, which also run
+/// the other lanes' proxies.
+async fn start_server() -> RedisServer {
+    tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .expect("redis-server starts")
 }
 
 fn addr(s: &RedisServer) -> std::net::SocketAddr {

@@ -1,5 +1,6 @@
 //! Shared support for the `it` integration tests: real `redis-server` fixtures
-//! ([`redis_server`]), a fault-injecting TCP relay ([`relay`]) and small
+//! ([`redis_server`]), a fault-injecting TCP relay ([`relay`]), the differential
+//! harness ([`diff`]: byte scripts against Redis and through geoproxy) and small
 //! polling/port helpers. Not every test uses every helper, hence the
 //! `dead_code` allowance.
 #![allow(dead_code)]
