@@ -10,7 +10,8 @@
 //!     `*-1`) is run frame after frame from the start; wherever it completes a frame the
 //!     scanner must report one ending at the same offset (top-level attributes, which the
 //!     scanner reports on their own, set aside), of the same kind, with the same null flag and
-//!     message/subscription flags; wherever it says "incomplete" the scanner must not have
+//!     message/subscription flags, `is_status` of a simple string's text, and which elements
+//!     of an array or push are errors (`element_failed`); wherever it says "incomplete" the scanner must not have
 //!     completed a frame there or failed. The comparison stops at the first point where the
 //!     scanner differs on purpose (see `cut` below and README.md).
 
@@ -33,6 +34,24 @@ struct Seen {
     null: bool,
     message: bool,
     subscription: bool,
+    /// `is_status` for `OK` and `QUEUED`.
+    status: (bool, bool),
+    /// `element_failed(i)` for i in 0..64, as a mask, and for 64.
+    failed: (u64, Option<bool>),
+}
+
+fn failed_mask(r: &Reply) -> (u64, Option<bool>) {
+    let mut mask = 0;
+    for i in 0..64 {
+        match r.element_failed(i) {
+            Some(true) => mask |= 1 << i,
+            Some(false) => {}
+            None => panic!("element_failed({i}) unknown"),
+        }
+    }
+    let beyond = r.element_failed(64);
+    assert_eq!(beyond, r.element_failed(1000));
+    (mask, beyond)
 }
 
 fn seen(offset: usize, r: Reply) -> Seen {
@@ -42,6 +61,8 @@ fn seen(offset: usize, r: Reply) -> Seen {
         null: r.null,
         message: r.is_message(),
         subscription: r.is_subscription(),
+        status: (r.is_status(b"OK"), r.is_status(b"QUEUED")),
+        failed: failed_mask(&r),
     }
 }
 
@@ -52,11 +73,15 @@ struct Run {
     result: Result<(usize, bool), &'static str>,
 }
 
-fn whole(data: &[u8]) -> Run {
+fn whole(data: &[u8]) -> (Run, Vec<Reply>) {
     let mut s = ReplyScanner::default();
     let mut frames = Vec::new();
+    let mut replies = Vec::new();
     let result = s
-        .scan(data, |r| frames.push(seen(0, r)))
+        .scan(data, |r| {
+            frames.push(seen(0, r));
+            replies.push(r);
+        })
         .map(|n| (n, s.mid_frame()))
         .map_err(|e| e.0);
     if let Ok((n, _)) = result {
@@ -71,7 +96,7 @@ fn whole(data: &[u8]) -> Run {
             assert!(!frames.iter().any(|f| f.end > n));
         }
     }
-    Run { frames, result }
+    (Run { frames, result }, replies)
 }
 
 fn chunked(data: &[u8], sizes: &[usize]) -> Run {
@@ -196,6 +221,11 @@ enum Oracle {
         head: Option<Range<usize>>,
         /// The head is not compared (see finding 4).
         head_unknown: bool,
+        /// A simple string's text.
+        line: Option<Range<usize>>,
+        /// For an array or push: which elements are errors (`None` for other frames,
+        /// and for maps and sets, whose order redis-protocol does not keep).
+        failed: Option<Vec<bool>>,
     },
     Incomplete,
     Refused,
@@ -223,23 +253,34 @@ fn oracle(buf: &[u8]) -> Oracle {
                 F3::Hello { .. } => b"H",
                 F3::ChunkedString(_) => b";.",
             };
+            let mut head_unknown = false;
             let head = match &f {
                 F3::Array { data, .. } | F3::Push { data, .. } => match data.first() {
                     Some(F3::BlobString { data: (s, e), attributes: None }) => Some(*s..*e),
                     // Found by this target (README, finding 4): an attribute before the first
                     // element hides it from the scanner's head capture. Not compared.
-                    Some(F3::BlobString { attributes: Some(_), .. }) => return Oracle::Frame {
-                        len,
-                        kinds,
-                        null: false,
-                        head: None,
-                        head_unknown: true,
-                    },
+                    Some(F3::BlobString { attributes: Some(_), .. }) => {
+                        head_unknown = true;
+                        None
+                    }
                     _ => None,
                 },
                 _ => None,
             };
-            Oracle::Frame { len, kinds, null: matches!(f, F3::Null), head, head_unknown: false }
+            let line = match &f {
+                F3::SimpleString { data: (s, e), .. } => Some(*s..*e),
+                _ => None,
+            };
+            let failed = match &f {
+                F3::Array { data, .. } | F3::Push { data, .. } => Some(
+                    data.iter()
+                        .map(|e| matches!(e, F3::SimpleError { .. } | F3::BlobError { .. }))
+                        .collect(),
+                ),
+                F3::Map { .. } | F3::Set { .. } => None,
+                _ => Some(Vec::new()),
+            };
+            Oracle::Frame { len, kinds, null: matches!(f, F3::Null), head, head_unknown, line, failed }
         }
         Ok(None) => Oracle::Incomplete,
         // RESP3's decoder reads `$-1` and `*-1` as streamed frames; RESP2's as nulls.
@@ -262,7 +303,25 @@ fn oracle(buf: &[u8]) -> Oracle {
                         },
                         _ => None,
                     };
-                    Oracle::Frame { len, kinds, null: matches!(f, F2::Null), head, head_unknown: false }
+                    let line = match &f {
+                        F2::SimpleString((s, e)) => Some(*s..*e),
+                        _ => None,
+                    };
+                    let failed = match &f {
+                        F2::Array(items) => {
+                            Some(items.iter().map(|e| matches!(e, F2::Error(_))).collect())
+                        }
+                        _ => Some(Vec::new()),
+                    };
+                    Oracle::Frame {
+                        len,
+                        kinds,
+                        null: matches!(f, F2::Null),
+                        head,
+                        head_unknown: false,
+                        line,
+                        failed,
+                    }
                 }
                 Ok(None) => Oracle::Incomplete,
                 Err(_) => Oracle::Refused,
@@ -282,15 +341,16 @@ fn flags(head: &[u8]) -> (bool, bool) {
     (message, subscription)
 }
 
-fn compare_with_oracle(data: &[u8], run: &Run, cut_at: usize, why: &str) {
+fn compare_with_oracle(data: &[u8], run: &Run, replies: &[Reply], cut_at: usize, why: &str) {
     // The scanner reports a top-level attribute as a frame of its own; redis-protocol
     // attaches it to the frame that follows.
     let frames: Vec<Seen> = run.frames.iter().copied().filter(|f| f.kind != b'|').collect();
+    let replies: Vec<Reply> = replies.iter().copied().filter(|r| !r.is_attribute()).collect();
     let mut pos = 0;
     let mut k = 0;
     while pos < data.len() {
         match oracle(&data[pos..]) {
-            Oracle::Frame { len, kinds, null, head, head_unknown } => {
+            Oracle::Frame { len, kinds, null, head, head_unknown, line, failed } => {
                 let end = pos + len;
                 if end > cut_at {
                     return;
@@ -316,6 +376,24 @@ fn compare_with_oracle(data: &[u8], run: &Run, cut_at: usize, why: &str) {
                 let want = head.map(|h| flags(&data[pos + h.start..pos + h.end])).unwrap_or_default();
                 if !head_unknown {
                     assert_eq!((s.message, s.subscription), want, "frame #{k} at {pos}..{end}: message/subscription flags");
+                }
+                if let Some(l) = line {
+                    let text = &data[pos + l.start..pos + l.end];
+                    let r = replies[k];
+                    assert_eq!(r.is_status(text), text.len() < 8, "frame #{k}: is_status of its own text");
+                    for t in [&b"OK"[..], b"QUEUED", b""] {
+                        assert_eq!(r.is_status(t), text == t, "frame #{k}: is_status({t:?})");
+                    }
+                } else {
+                    assert_eq!(s.status, (false, false), "frame #{k}: is_status of a non-status");
+                }
+                if let Some(failed) = failed {
+                    let mut mask = 0u64;
+                    for (i, &f) in failed.iter().enumerate().take(64) {
+                        mask |= (f as u64) << i;
+                    }
+                    let beyond = if failed.iter().skip(64).any(|&f| f) { None } else { Some(false) };
+                    assert_eq!(s.failed, (mask, beyond), "frame #{k} at {pos}..{end}: failed elements");
                 }
                 k += 1;
                 pos = end;
@@ -347,7 +425,7 @@ fuzz_target!(|raw: &[u8]| {
     let input = common::split(raw);
     let data = input.data;
 
-    let reference = whole(data);
+    let (reference, replies) = whole(data);
     let pieces = chunked(data, &input.sizes);
     assert_eq!(pieces, reference, "chunked feed (sizes {:?}) differs from whole feed", input.sizes);
     let (bytes, lines, err_line) = bytewise(data);
@@ -366,5 +444,5 @@ fuzz_target!(|raw: &[u8]| {
     }
 
     let (cut_at, why) = cut(data, &lines, err_line.map(|l| (l, reference.result.unwrap_err())));
-    compare_with_oracle(data, &reference, cut_at, why);
+    compare_with_oracle(data, &reference, &replies, cut_at, why);
 });

@@ -3,7 +3,9 @@
 //! Checks, on every input:
 //! (a) nothing panics;
 //! (b) feeding the stream in chunks (sizes from the input, see `common.rs`) gives exactly the
-//!     frames and the error that feeding it whole gives;
+//!     frames and the error that feeding it whole gives, both when the caller keeps an
+//!     incomplete command whole and when it sends on what `streamable` allows as it arrives
+//!     (`drained`); `name()` of an incomplete command is its first argument;
 //! (c) every complete frame is self-consistent: `argc`, `name` and `args` agree, an inline
 //!     command's arguments survive `encode_command` and a rescan;
 //! (d) oracle: at every frame start that is a `*`, redis-protocol's RESP2 decoder agrees with
@@ -15,6 +17,7 @@
 use std::ops::Range;
 
 use geoproxy::resp::request::{args, encode_command, split_inline, Frame, RequestScanner};
+use geoproxy::resp::ProtocolError;
 use libfuzzer_sys::fuzz_target;
 use redis_protocol::resp2::{decode::decode_range, types::RangeFrame};
 
@@ -30,7 +33,7 @@ enum Event {
         argc: usize,
         inline: bool,
     },
-    Error(&'static str),
+    Error(ProtocolError),
 }
 
 fn event(at: usize, f: &Frame) -> Event {
@@ -62,7 +65,7 @@ fn whole(data: &[u8]) -> Vec<Event> {
             }
             Ok(None) => return out,
             Err(e) => {
-                out.push(Event::Error(e.0));
+                out.push(Event::Error(e));
                 return out;
             }
         }
@@ -76,18 +79,115 @@ fn chunked(data: &[u8], sizes: &[usize]) -> Vec<Event> {
     let mut at = 0;
     let mut pending: Vec<u8> = Vec::new();
     let mut s = RequestScanner::default();
+    let mut name_seen: Option<Vec<u8>> = None;
     for piece in common::chunks(data, sizes) {
         pending.extend_from_slice(piece);
         loop {
             match s.next(&pending) {
                 Ok(Some(f)) => {
+                    if let Some(name) = name_seen.take() {
+                        assert_eq!(name, &pending[f.name.clone()], "name() while incomplete");
+                    }
                     out.push(event(at, &f));
                     at += f.len;
                     pending.drain(..f.len);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if let Some(r) = s.name() {
+                        let name = pending[r].to_vec();
+                        if let Some(before) = &name_seen {
+                            assert_eq!(before, &name, "name() changed while incomplete");
+                        }
+                        name_seen = Some(name);
+                    }
+                    break;
+                }
                 Err(e) => {
-                    out.push(Event::Error(e.0));
+                    out.push(Event::Error(e));
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the whole feed says of a command, as seen by a caller that sends its bytes on as
+/// they arrive: where it ends, its argc, inline or not, its name (the first argument).
+#[derive(Debug, PartialEq, Eq)]
+enum Streamed {
+    Frame { end: usize, argc: usize, inline: bool, name: Vec<u8> },
+    Error(ProtocolError),
+}
+
+fn as_streamed(data: &[u8], events: &[Event]) -> Vec<Streamed> {
+    events
+        .iter()
+        .map(|e| match e {
+            Event::Frame { at, len, name, argc, inline } => Streamed::Frame {
+                end: at + len,
+                argc: *argc,
+                inline: *inline,
+                name: data[name.clone()].to_vec(),
+            },
+            Event::Error(e) => Streamed::Error(e.clone()),
+        })
+        .collect()
+}
+
+/// The same pieces, handled as the session handles a large command: once an incomplete
+/// command's name is known (noted then), send on (drop) the bytes `streamable` allows
+/// whenever it is incomplete, and tell the scanner (`drained`).
+fn streamed(data: &[u8], sizes: &[usize]) -> Vec<Streamed> {
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut s = RequestScanner::default();
+    let mut name: Option<Vec<u8>> = None;
+    let mut sent = false;
+    for piece in common::chunks(data, sizes) {
+        pending.extend_from_slice(piece);
+        loop {
+            match s.next(&pending) {
+                Ok(Some(f)) => {
+                    let name = match name.take() {
+                        Some(n) => n,
+                        None => {
+                            assert!(!sent);
+                            pending[f.name.clone()].to_vec()
+                        }
+                    };
+                    out.push(Streamed::Frame {
+                        end: consumed + f.len,
+                        argc: f.argc,
+                        inline: f.inline,
+                        name,
+                    });
+                    consumed += f.len;
+                    pending.drain(..f.len);
+                    sent = false;
+                }
+                Ok(None) => {
+                    // As the session does: streaming starts once the name is known (it decides
+                    // whether the command may be streamed at all).
+                    if name.is_none() {
+                        name = s.name().map(|r| pending[r].to_vec());
+                    }
+                    if name.is_none() {
+                        break;
+                    }
+                    let n = s.streamable(pending.len());
+                    assert!(n <= pending.len(), "streamable {n} of {}", pending.len());
+                    if n > 0 {
+                        pending.drain(..n);
+                        s.drained(n);
+                        consumed += n;
+                        sent = true;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    out.push(Streamed::Error(e));
                     return out;
                 }
             }
@@ -180,7 +280,7 @@ fn decoded_headers<'a>(buf: &'a [u8], frame: &RangeFrame) -> Vec<&'a [u8]> {
     out
 }
 
-fn oracle(buf: &[u8], r: &Result<Option<Frame>, geoproxy::resp::ProtocolError>) {
+fn oracle(buf: &[u8], r: &Result<Option<Frame>, ProtocolError>) {
     let decoded = decode_range(buf);
     match r {
         Ok(Some(f)) => {
@@ -239,4 +339,11 @@ fuzz_target!(|raw: &[u8]| {
     let reference = whole(input.data);
     let pieces = chunked(input.data, &input.sizes);
     assert_eq!(pieces, reference, "chunked feed (sizes {:?}) differs from whole feed", input.sizes);
+    let sent = streamed(input.data, &input.sizes);
+    assert_eq!(
+        sent,
+        as_streamed(input.data, &reference),
+        "streamed feed (sizes {:?}) differs from whole feed",
+        input.sizes
+    );
 });
