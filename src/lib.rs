@@ -114,6 +114,8 @@ impl Server {
         let (route_tx, route_rx) = watch::channel(Route::default());
         let control = TaskTracker::new();
         let stop_control = CancellationToken::new();
+        // If this future is dropped (an aborted task), the control tasks stop with it.
+        let _stop_control_on_drop = stop_control.clone().drop_guard();
 
         for (idx, signals) in signals.into_iter().enumerate() {
             let checker = Checker {

@@ -511,6 +511,11 @@ impl Ledger {
         if !runs || entry.kind == Kind::Empty {
             return;
         }
+        if reply.is_none() && matches!(entry.change, Some(Change::Hello { auth: Some(_), .. })) {
+            // A HELLO with AUTH that got no reply (CLIENT REPLY OFF/SKIP): whether it ran,
+            // and so which protocol the member speaks now, cannot be known.
+            return self.go_raw();
+        }
         let ok = reply.is_none_or(|r| !r.is_error());
         if self.seen.multi
             && !matches!(

@@ -78,7 +78,12 @@ impl Change {
                 let (mut resp3, mut auth, mut name) = (None, None, None);
                 let mut rest = args.iter().skip(1);
                 if let Some(v) = rest.next() {
-                    resp3 = Some(v.as_slice() == b"3");
+                    // Any other version is refused (-NOPROTO): nothing changes.
+                    resp3 = Some(match v.as_slice() {
+                        b"2" => false,
+                        b"3" => true,
+                        _ => return None,
+                    });
                 }
                 while let Some(opt) = rest.next() {
                     if opt.eq_ignore_ascii_case(b"AUTH") {
@@ -272,6 +277,7 @@ mod tests {
         assert_eq!(change("CLIENT LIST"), None);
         assert_eq!(change("SELECT"), None);
         assert_eq!(change("HELLO 3 AUTH onlyuser"), None);
+        assert_eq!(change("HELLO 4"), None);
         let mut s = SessionState::default();
         s.apply(change("SELECT 0").unwrap());
         assert_eq!(s.db, None);

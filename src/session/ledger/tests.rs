@@ -309,3 +309,20 @@ fn an_empty_command_uses_up_a_skip() {
     assert_eq!(feed(&mut l, b"+OK\r\n"), "R");
     assert_eq!(l.in_transaction(), (true, false));
 }
+
+#[test]
+fn a_hello_with_auth_that_gets_no_reply_stops_the_count() {
+    // Found by the differential campaign: under CLIENT REPLY OFF a HELLO 3 with a wrong
+    // password fails silently, and the connection stays RESP2.
+    let mut l = Ledger::default();
+    send(&mut l, "CLIENT REPLY OFF");
+    send(&mut l, "HELLO 3 AUTH nobody wrong");
+    assert!(l.raw());
+    // Without AUTH a HELLO 2 or 3 cannot fail, and HELLO 4 always does.
+    let mut l = Ledger::default();
+    send(&mut l, "CLIENT REPLY OFF");
+    send(&mut l, "HELLO 3");
+    assert!(!l.raw() && l.state().resp3);
+    send(&mut l, "HELLO 4");
+    assert!(l.state().resp3);
+}
