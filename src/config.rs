@@ -14,6 +14,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Longest duration any key accepts: deadlines are instants, which a duration of years
+/// could overflow.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Largest `[[members]]` list accepted; a sanity bound, not a design limit.
 const MAX_MEMBERS: usize = 64;
 
@@ -376,6 +380,9 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         if d.is_zero() {
             problems.push(format!("{key}: must be greater than zero"));
         }
+        if d > MAX_DURATION {
+            problems.push(format!("{key}: must be at most 30 days"));
+        }
         d
     };
     let p = &raw.proxy;
@@ -403,6 +410,10 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         p.shutdown_timeout,
         DEFAULT_SHUTDOWN_TIMEOUT,
     );
+    let client_idle_timeout = p.client_idle_timeout.filter(|d| !d.is_zero());
+    if client_idle_timeout.is_some_and(|d| d > MAX_DURATION) {
+        problems.push("proxy.client_idle_timeout: must be at most 30 days".into());
+    }
     let client_query_buffer_limit = match &p.client_query_buffer_limit {
         None => DEFAULT_QUERY_BUFFER_LIMIT,
         Some(size) => match size.bytes() {
@@ -534,7 +545,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             unavailable_timeout,
             connect_timeout,
             shutdown_timeout,
-            client_idle_timeout: p.client_idle_timeout.filter(|d| !d.is_zero()),
+            client_idle_timeout,
             client_query_buffer_limit,
             threads: match p.threads.unwrap_or(DEFAULT_THREADS) {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

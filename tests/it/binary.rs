@@ -82,6 +82,21 @@ fn each_config_error_names_its_key() {
             "failback = \"auto\"",
             "failback = \"sometimes\"",
         ),
+        (
+            "huge duration",
+            "reply_timeout = \"1s\"",
+            "reply_timeout = \"500years\"",
+        ),
+        (
+            "bad size",
+            "threads = ",
+            "client_query_buffer_limit = \"lots\"\nthreads = ",
+        ),
+        (
+            "size too small",
+            "threads = ",
+            "client_query_buffer_limit = 1000\nthreads = ",
+        ),
     ];
     let want_key = [
         "listen_port",
@@ -94,6 +109,9 @@ fn each_config_error_names_its_key() {
         "proxy.listen",
         "mode",
         "failback",
+        "proxy.reply_timeout",
+        "proxy.client_query_buffer_limit",
+        "proxy.client_query_buffer_limit",
     ];
     for ((what, from, to), key) in cases.iter().zip(want_key) {
         let text = valid().replacen(from, to, 1);
