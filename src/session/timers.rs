@@ -1,8 +1,8 @@
 //! The session's one timer and what it measures:
 //! - **reply timeout**: silence from the member while a reply is owed (time since it last
-//!   sent this session a byte, or since the first command of a burst went out), not the
-//!   length of a reply; blocking commands are exempt for as long as their own timeout says,
-//!   MONITOR and raw sessions always;
+//!   sent this session a byte, or since the first command of a burst went out whole), not
+//!   the length of a reply; blocking commands are exempt for as long as their own timeout
+//!   says, MONITOR and raw sessions always;
 //! - **unavailable timeout**: commands waiting for a member get `-UNAVAILABLE` after it;
 //! - **move retry**: a failed connect to the route's member is tried again after a backoff;
 //! - **client idle timeout** (`proxy.client_idle_timeout`, Redis's `timeout`).
@@ -20,8 +20,9 @@ impl super::Session {
     pub(super) fn deadline(&self) -> Option<Instant> {
         let idle = self.idle_deadline();
         if self.upstream.is_some() {
-            let owed = self.ledger.in_flight() > 0;
-            // Silence is not a hang when the member streams unasked or the reply may wait.
+            // Silence is not a hang when the member streams unasked, when the reply may wait
+            // (blocking commands), or while the client is still sending a command.
+            let owed = self.ledger.in_flight() > 0 && self.streaming == super::Streaming::No;
             let timed =
                 owed && !self.blocked_forever && !self.ledger.raw() && !self.ledger.monitoring();
             let reply = timed.then(|| {

@@ -277,3 +277,30 @@ async fn a_buffer_that_grew_for_one_big_command_shrinks_back() {
         "RSS {before} KiB before, {held} KiB holding the command, {after} KiB after"
     );
 }
+
+/// A large command that arrives slowly streams to the member, and the member's silence is
+/// not timed while the client is still sending it: a slow client is not a hung member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_command_dripped_slower_than_reply_timeout_is_not_a_hung_member() {
+    let member = RedisServer::start();
+    let options = Options {
+        reply_timeout: "300ms",
+        interval: "10s",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let epoch = proxy.status().await["epoch"].clone();
+    let mut raw = Raw::connect(proxy.addr).await;
+    let size = 1024 * 1024;
+    raw.send(format!("*3\r\n$3\r\nSET\r\n$4\r\nslow\r\n${size}\r\n").as_bytes())
+        .await;
+    // 1 MB in 8 pieces over ~1.2 s: streamed (over 64 KiB), four reply timeouts long.
+    for _ in 0..8 {
+        raw.send(&vec![b's'; size / 8]).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    raw.send(b"\r\n").await;
+    raw.roundtrip(b"STRLEN slow\r\n", b"+OK\r\n:1048576\r\n")
+        .await;
+    assert_eq!(proxy.status().await["epoch"], epoch, "no switch");
+}
