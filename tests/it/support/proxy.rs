@@ -288,6 +288,23 @@ impl Raw {
         self.read_until(b"*0\r\n").await
     }
 
+    /// Reads one `-OUTCOMEUNKNOWN` reply for a command in flight on a hung or unreachable
+    /// `member`. Whichever sees it first names the cause: the session's reply timeout, or
+    /// the checks (the route left a member that is down).
+    pub async fn read_outcome_unknown(&mut self, member: &str) {
+        let line = String::from_utf8(self.read_until(b"\r\n").await).expect("UTF-8");
+        let reply = |cause: &str| {
+            format!(
+                "-OUTCOMEUNKNOWN geoproxy: member {member} failed before replying ({cause}); \
+                 the command may or may not have run and was not retried\r\n"
+            )
+        };
+        assert!(
+            line == reply("reply timeout") || line == reply("member down"),
+            "{line:?}"
+        );
+    }
+
     /// Reads whatever arrives until the peer closes (or 5 s).
     pub async fn read_to_close(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
