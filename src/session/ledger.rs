@@ -390,6 +390,13 @@ impl Ledger {
             frames: 0,
             runs: true,
         };
+        // The common case first: an ordinary command on an ordinary connection.
+        let ordinary = matches!(entry.kind, Kind::Plain | Kind::Blocking(_));
+        let seen = &self.seen;
+        let plain_connection = seen.reply == ReplyMode::On && !seen.multi && !seen.monitor;
+        if ordinary && plain_connection && (self.state.resp3 || !self.state.subscribed()) {
+            return ONE;
+        }
         if entry.kind == Kind::Empty {
             return NOTHING;
         }
@@ -509,6 +516,10 @@ impl Ledger {
             self.seen.reply = ReplyMode::On;
         }
         if !runs || entry.kind == Kind::Empty {
+            return;
+        }
+        // An ordinary command outside MULTI changes nothing the ledger keeps.
+        if !self.seen.multi && matches!(entry.kind, Kind::Plain | Kind::Ping | Kind::Blocking(_)) {
             return;
         }
         if reply.is_none() && matches!(entry.change, Some(Change::Hello { auth: Some(_), .. })) {
