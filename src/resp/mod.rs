@@ -74,7 +74,8 @@ fn find_line(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     (cr + 1 < buf.len()).then_some((cr, cr + 2))
 }
 
-/// Parses a signed decimal integer as RESP headers write it. No allocation.
+/// Parses a signed decimal integer as RESP headers write it, as strictly as Redis's
+/// `string2ll`: no sign but `-`, no leading zero, no `-0`. No allocation.
 #[inline]
 fn parse_int(digits: &[u8]) -> Option<i64> {
     let (neg, digits) = match digits.split_first() {
@@ -82,6 +83,9 @@ fn parse_int(digits: &[u8]) -> Option<i64> {
         _ => (false, digits),
     };
     if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    if digits[0] == b'0' && (digits.len() > 1 || neg) {
         return None;
     }
     let mut n: i64 = 0;
@@ -107,6 +111,12 @@ mod tests {
         assert_eq!(parse_int(b"-"), None);
         assert_eq!(parse_int(b"1x"), None);
         assert_eq!(parse_int(b"9999999999999999999999"), None);
+        // As Redis's string2ll: these are protocol errors.
+        assert_eq!(parse_int(b"01"), None);
+        assert_eq!(parse_int(b"00"), None);
+        assert_eq!(parse_int(b"-0"), None);
+        assert_eq!(parse_int(b"+1"), None);
+        assert_eq!(parse_int(b"-10"), Some(-10));
     }
 
     #[test]
