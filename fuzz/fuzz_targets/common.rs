@@ -39,9 +39,12 @@ pub fn chunks<'a>(data: &'a [u8], sizes: &'a [usize]) -> impl Iterator<Item = &'
     })
 }
 
-/// A header number as the scanners' `parse_int` accepts it: an optional `-` and 1 to 18
-/// ASCII digits.
+/// A header number as the scanners' `parse_int` accepts it (as Redis's `string2ll`): an
+/// optional `-` and 1 to 18 ASCII digits, no leading zero, no `-0`.
 pub fn canonical_int(s: &[u8]) -> bool {
+    let negative = s.starts_with(b"-");
     let digits = s.strip_prefix(b"-").unwrap_or(s);
-    (1..=18).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+    (1..=18).contains(&digits.len())
+        && digits.iter().all(u8::is_ascii_digit)
+        && !(digits[0] == b'0' && (digits.len() > 1 || negative))
 }

@@ -23,6 +23,7 @@ pub mod transaction;
 mod tests;
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
 use crate::member::{MemberIdx, Members, Signal};
@@ -205,6 +206,9 @@ impl Session {
 
     async fn serve(&mut self, shutdown: CancellationToken) -> Result<(), SessionError> {
         let mut draining = false;
+        // One wait for shutdown for the session's life: creating and dropping it on every
+        // turn of the loop registered and unregistered a waiter each time.
+        let mut shutdown = std::pin::pin!(shutdown.cancelled_owned());
         loop {
             self.follow_route().await?;
             if std::mem::take(&mut self.replies_waiting) {
@@ -234,7 +238,10 @@ impl Session {
                 && !self.client_eof
                 && self.protocol_error.is_none()
                 && (!self.stalled || self.requests.len() < MAX_WAITING_BYTES);
-            match self.next_event(read_client, draining, &shutdown).await {
+            match self
+                .next_event(read_client, draining, shutdown.as_mut())
+                .await
+            {
                 Event::ClientRead(Ok(0)) => self.client_eof = true,
                 Event::ClientRead(Ok(_)) => {
                     self.last_client_io = Instant::now();
@@ -274,7 +281,7 @@ impl Session {
         &mut self,
         read_client: bool,
         draining: bool,
-        shutdown: &CancellationToken,
+        shutdown: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Event {
         let Session {
             client,
@@ -308,7 +315,7 @@ impl Session {
                 }
             },
             _ = timer.fired(), if timer_enabled => Event::Timer,
-            _ = shutdown.cancelled(), if !draining => Event::Shutdown,
+            _ = shutdown, if !draining => Event::Shutdown,
         }
     }
 
