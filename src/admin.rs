@@ -1,25 +1,30 @@
-//! The admin HTTP port: `/live`, `/ready`, `/metrics` and `GET /v1/status`.
+//! The admin HTTP port: `/live`, `/ready`, `/metrics`, `GET /v1/status` and
+//! `POST /v1/switchover`.
 //!
-//! It reads snapshots (members' status, the route) and never touches the data path.
+//! It reads snapshots (members' status, the route, the last switches) and never touches the
+//! data path; a switchover is a request to the router, which decides. Errors are JSON
+//! `{error_code, description}`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Failback, Mode};
+use crate::config::{Failback, Mode, Secret};
 use crate::health;
 use crate::member::Members;
 use crate::metrics::Metrics;
-use crate::router::Route;
+use crate::router::{History, Route, SwitchRecord, SwitchoverError, SwitchoverRequest};
 
 /// What the admin handlers read.
 pub struct AdminState {
@@ -30,6 +35,12 @@ pub struct AdminState {
     pub serving: Arc<AtomicBool>,
     pub mode: Mode,
     pub failback: Failback,
+    /// `admin.token`: required (as `Authorization: Bearer ...`) by every POST when set.
+    pub token: Option<Secret>,
+    pub switchovers: mpsc::Sender<SwitchoverRequest>,
+    /// A switchover is being decided: another one gets 409.
+    pub switching: AtomicBool,
+    pub history: Arc<History>,
 }
 
 /// Serves the admin API on `listener` until `shutdown`.
@@ -39,6 +50,7 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/switchover", post(switchover))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .with_state(state);
     let served = axum::serve(listener, app)
@@ -89,6 +101,8 @@ struct Status {
     epoch: u64,
     active_member: Option<String>,
     members: Vec<MemberStatus>,
+    /// The last switches, oldest first, each with its time and reason.
+    switches: Vec<SwitchRecord>,
 }
 
 #[derive(Serialize)]
@@ -97,6 +111,8 @@ struct MemberStatus {
     address: String,
     region: Option<String>,
     state: health::State,
+    /// Why it is down (`check:ping`, `passive:connection_lost`, ...), while it is.
+    cause: Option<String>,
     /// Seconds in the current state.
     state_seconds: f64,
     active: bool,
@@ -120,6 +136,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
                 address: m.config.address.clone(),
                 region: m.config.region.clone(),
                 state: st.state,
+                cause: st.cause.map(|c| c.to_string()),
                 state_seconds: st.since.elapsed().as_secs_f64(),
                 active: route.member == Some(i),
                 last_error: st.last_error,
@@ -135,5 +152,88 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         epoch: route.epoch,
         active_member: route.member.map(|i| s.members.get(i).id().to_string()),
         members,
+        switches: s.history.list(),
     })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchoverBody {
+    to: String,
+}
+
+/// How long a switchover request waits for the router's answer.
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `POST /v1/switchover {"to": id}`: send traffic to a healthy member (reason `operator`),
+/// and stay there (no automatic failback) until it fails.
+async fn switchover(State(s): State<Arc<AdminState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(denied) = authorize(&s, &headers) {
+        return denied;
+    }
+    let to = match serde_json::from_slice::<SwitchoverBody>(&body) {
+        Ok(b) => b.to,
+        Err(e) => {
+            let why = format!("expected {{\"to\": \"<member id>\"}}: {e}");
+            return error(StatusCode::BAD_REQUEST, "bad_request", &why);
+        }
+    };
+    let Some(idx) = s.members.list.iter().position(|m| m.id() == to) else {
+        let why = format!("no member has the id \"{to}\"");
+        return error(StatusCode::NOT_FOUND, "unknown_member", &why);
+    };
+    if s.switching.swap(true, Ordering::AcqRel) {
+        let why = "another switchover is being decided";
+        return error(StatusCode::CONFLICT, "switch_in_progress", why);
+    }
+    let (reply, outcome) = oneshot::channel();
+    let asked = s
+        .switchovers
+        .send(SwitchoverRequest { to: idx, reply })
+        .await;
+    let outcome = match asked {
+        Ok(()) => tokio::time::timeout(SWITCHOVER_TIMEOUT, outcome)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(_) => None,
+    };
+    s.switching.store(false, Ordering::Release);
+    match outcome {
+        Some(Ok(route)) => {
+            let body = serde_json::json!({ "active_member": to, "epoch": route.epoch });
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Some(Err(SwitchoverError::NotHealthy)) => {
+            let why =
+                format!("member \"{to}\" is not healthy; traffic goes to healthy members only");
+            error(StatusCode::CONFLICT, "member_not_healthy", &why)
+        }
+        Some(Err(SwitchoverError::UnknownMember)) => {
+            let why = format!("no member has the id \"{to}\"");
+            error(StatusCode::NOT_FOUND, "unknown_member", &why)
+        }
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "router_unavailable",
+            "the router did not answer (shutting down?)",
+        ),
+    }
+}
+
+/// `None` when the request may write; else the 401 to answer.
+fn authorize(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
+    let token = s.token.as_ref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.expose()) {
+        return None;
+    }
+    Some(error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this endpoint needs Authorization: Bearer <admin.token>",
+    ))
 }

@@ -23,9 +23,11 @@ const MAX_MEMBERS: usize = 64;
 
 /// Default for `proxy.max_clients`: Redis's own `maxclients` default.
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
-/// Default for `proxy.reply_timeout`: a member that has not answered a (non-blocking) command
-/// for this long is treated as hung. Generous, because a slow `KEYS *` is not a dead member.
-pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for `proxy.reply_timeout`: a member silent this long while a (non-blocking) reply
+/// is owed is *suspected*: the checker probes it at once on a fresh connection, and only a
+/// failed probe marks it down. A false alarm costs one probe, so it can be short; the session
+/// keeps waiting for a slow reply from a member the probe found healthy.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default for `proxy.unavailable_timeout`: how long a command waits for any member to become
 /// available before it gets `-UNAVAILABLE`. Short: clients must not hang.
 pub const DEFAULT_UNAVAILABLE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,8 +44,28 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_THREADS: usize = 0;
 /// Default for `health.interval` (time between two PING checks of one member).
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// Default for `health.timeout` (a check not answered within it has failed).
+/// Default for `health.timeout` (a check not answered within it has failed). It starts once
+/// the check's connection is open: connecting has its own `health.connect_timeout`.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default for `health.connect_timeout`: TCP connect of a check's fresh connection. Over 1 s,
+/// so one SYN lost in a reconnect storm (retransmitted after 1 s) is not a failed check.
+pub const DEFAULT_CHECK_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default for `health.fast_interval`: after a failed check of a member that is still up,
+/// the next check comes this soon (HAProxy's `fastinter`), so `fall` failures take
+/// one interval, not `fall` intervals.
+pub const DEFAULT_FAST_INTERVAL: Duration = Duration::from_millis(100);
+/// Default for `health.reconnect_interval`: the check connection is opened anew this often
+/// (host names resolved again, and proof that the member still accepts connections).
+pub const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
+/// Defaults for the error window (`health.error_window`, `error_min_count`, `error_rate`):
+/// a member whose replies in the last 10 s hold at least 20 "cannot serve" errors making at
+/// least half of all its replies is marked down, as Envoy's outlier detection ejects a host.
+pub const DEFAULT_ERROR_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_ERROR_MIN_COUNT: u64 = 20;
+pub const DEFAULT_ERROR_RATE: f64 = 0.5;
+/// Default for `failover.flap_hold_max`: a member that fails again soon after traffic
+/// returned to it waits twice as long before the next failback, up to this.
+pub const DEFAULT_FLAP_HOLD_MAX: Duration = Duration::from_secs(600);
 /// Default for `health.rise` and `health.fall` (consecutive results that flip a member).
 pub const DEFAULT_RISE_FALL: u32 = 2;
 /// Default for `failover.failback_after`: a recovered preferred member must stay healthy this
@@ -124,6 +146,9 @@ pub struct ProxyConfig {
 pub struct AdminConfig {
     /// `/live /ready /metrics /v1/...`.
     pub listen: SocketAddr,
+    /// Bearer token every write (POST) must carry; `None`: writes are open to whoever
+    /// reaches the admin port (loopback by default).
+    pub token: Option<Secret>,
 }
 
 #[derive(Clone, Debug)]
@@ -141,9 +166,29 @@ pub struct MemberConfig {
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
     pub interval: Duration,
+    /// The PING exchange (and AUTH) of a check, once connected.
     pub timeout: Duration,
+    /// TCP connect of a check's connection.
+    pub connect_timeout: Duration,
+    /// Time to the next check after a failed one, while the member is still up.
+    pub fast_interval: Duration,
+    /// How often the check connection is opened anew.
+    pub reconnect_interval: Duration,
     pub rise: u32,
     pub fall: u32,
+    pub errors: ErrorWindowConfig,
+}
+
+/// When error replies that mean "this member cannot serve" mark it down.
+#[derive(Clone, Debug)]
+pub struct ErrorWindowConfig {
+    pub window: Duration,
+    /// At least this many such errors in the window...
+    pub min_count: u64,
+    /// ...making at least this share (0..=1) of the member's replies in it.
+    pub rate: f64,
+    /// Whether `-OOM` counts (a full member cannot take writes, but still serves reads).
+    pub oom: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -153,6 +198,8 @@ pub struct FailoverConfig {
     /// Re-send in-flight read-only commands to the new member when their member fails
     /// (writes never are). Off by default: a retried read may see older data.
     pub retry_reads: bool,
+    /// Longest hold of a flapping member (its grace doubles at each flap, up to this).
+    pub flap_hold_max: Duration,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -314,6 +361,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Admin {
         pub listen: String,
+        pub token: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -336,8 +384,19 @@ mod raw {
         pub interval: Option<Duration>,
         #[serde(default, with = "humantime_serde")]
         pub timeout: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub connect_timeout: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub fast_interval: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        pub reconnect_interval: Option<Duration>,
         pub rise: Option<u32>,
         pub fall: Option<u32>,
+        #[serde(default, with = "humantime_serde")]
+        pub error_window: Option<Duration>,
+        pub error_min_count: Option<u64>,
+        pub error_rate: Option<f64>,
+        pub error_oom: Option<bool>,
     }
 
     #[derive(Deserialize, Default)]
@@ -347,6 +406,8 @@ mod raw {
         #[serde(default, with = "humantime_serde")]
         pub failback_after: Option<Duration>,
         pub retry_reads: Option<bool>,
+        #[serde(default, with = "humantime_serde")]
+        pub flap_hold_max: Option<Duration>,
     }
 
     #[derive(Deserialize, Default)]
@@ -455,6 +516,43 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         h.timeout,
         DEFAULT_CHECK_TIMEOUT,
     );
+    let check_connect_timeout = positive(
+        &mut problems,
+        "health.connect_timeout",
+        h.connect_timeout,
+        DEFAULT_CHECK_CONNECT_TIMEOUT,
+    );
+    let fast_interval = positive(
+        &mut problems,
+        "health.fast_interval",
+        h.fast_interval,
+        DEFAULT_FAST_INTERVAL,
+    );
+    let reconnect_interval = positive(
+        &mut problems,
+        "health.reconnect_interval",
+        h.reconnect_interval,
+        DEFAULT_RECONNECT_INTERVAL,
+    );
+    let error_window = positive(
+        &mut problems,
+        "health.error_window",
+        h.error_window,
+        DEFAULT_ERROR_WINDOW,
+    );
+    if error_window < Duration::from_secs(1) {
+        problems.push("health.error_window: must be at least 1s".into());
+    }
+    let error_min_count = h.error_min_count.unwrap_or(DEFAULT_ERROR_MIN_COUNT);
+    if error_min_count == 0 {
+        problems.push("health.error_min_count: must be at least 1".into());
+    }
+    let error_rate = h.error_rate.unwrap_or(DEFAULT_ERROR_RATE);
+    if !(error_rate > 0.0 && error_rate <= 1.0) {
+        problems.push(format!(
+            "health.error_rate: {error_rate} must be a share greater than 0 and at most 1"
+        ));
+    }
     let rise = h.rise.unwrap_or(DEFAULT_RISE_FALL);
     let fall = h.fall.unwrap_or(DEFAULT_RISE_FALL);
     for (key, v) in [("health.rise", rise), ("health.fall", fall)] {
@@ -530,6 +628,15 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         f.failback_after,
         DEFAULT_FAILBACK_AFTER,
     );
+    let flap_hold_max = positive(
+        &mut problems,
+        "failover.flap_hold_max",
+        f.flap_hold_max,
+        DEFAULT_FLAP_HOLD_MAX.max(failback_after),
+    );
+    if flap_hold_max < failback_after {
+        problems.push("failover.flap_hold_max: must be at least failover.failback_after".into());
+    }
 
     let (Some(listen), Some(admin_listen), true) = (listen, admin_listen, problems.is_empty())
     else {
@@ -554,18 +661,29 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         },
         admin: AdminConfig {
             listen: admin_listen,
+            token: raw.admin.token.filter(|t| !t.is_empty()).map(Secret),
         },
         members,
         health: HealthConfig {
             interval,
             timeout,
+            connect_timeout: check_connect_timeout,
+            fast_interval,
+            reconnect_interval,
             rise,
             fall,
+            errors: ErrorWindowConfig {
+                window: error_window,
+                min_count: error_min_count,
+                rate: error_rate,
+                oom: h.error_oom.unwrap_or(false),
+            },
         },
         failover: FailoverConfig {
             failback: f.failback.unwrap_or(Failback::Auto),
             failback_after,
             retry_reads: f.retry_reads.unwrap_or(false),
+            flap_hold_max,
         },
         log: LogConfig {
             format: raw.log.format,

@@ -5,10 +5,11 @@
 //! healthy member, fails over when it fails and fails back when it is healthy again, moving
 //! sessions at command boundaries without disconnecting clients. `DESIGN.md` is the map.
 //!
-//! Control path (a few tasks):
-//! - [`health`]: one checker per member; health flips wake the router.
+//! Control path (a few tasks on a thread of their own):
+//! - [`health`]: one checker per member (periodic checks, and probes that confirm what
+//!   sessions report); health flips wake the router.
 //! - [`router`]: decides the active member and publishes the [`router::Route`].
-//! - [`admin`]: `/live /ready /metrics /v1/status`.
+//! - [`admin`]: `/live /ready /metrics /v1/status`, `POST /v1/switchover`.
 //!
 //! Data path (one task per client):
 //! - [`listener`]: accepts clients, enforces `max_clients`.
@@ -36,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,7 +50,7 @@ use crate::health::Checker;
 use crate::listener::Listener;
 use crate::member::Members;
 use crate::metrics::Metrics;
-use crate::router::{Route, Router};
+use crate::router::{History, Route, Router, RouterTask};
 use crate::session::Context;
 
 /// A proxy whose ports are bound, ready to [`Server::run`].
@@ -109,42 +110,53 @@ impl Server {
             admin,
             metrics,
         } = self;
-        let (members, signals) = Members::new(&config.members, Instant::now());
+        let members = Members::new(&config.members, Instant::now());
         metrics.init_members(members.list.iter().map(|m| m.id()));
         let (route_tx, route_rx) = watch::channel(Route::default());
-        let control = TaskTracker::new();
-        let stop_control = CancellationToken::new();
-        // If this future is dropped (an aborted task), the control tasks stop with it.
-        let _stop_control_on_drop = stop_control.clone().drop_guard();
-
-        for (idx, signals) in signals.into_iter().enumerate() {
-            let checker = Checker {
-                members: members.clone(),
-                idx,
-                config: config.health.clone(),
-                signals,
-                metrics: metrics.clone(),
-            };
-            control.spawn(checker.run(stop_control.clone()));
-        }
-        let router = Router::new(&config.failover, members.len());
-        control.spawn(router::run(
-            router,
-            members.clone(),
-            route_tx,
-            metrics.clone(),
-            stop_control.clone(),
-        ));
         let serving = Arc::new(AtomicBool::new(true));
-        let admin_state = Arc::new(AdminState {
-            members: members.clone(),
-            route: route_rx.clone(),
-            metrics: metrics.clone(),
-            serving: serving.clone(),
-            mode: config.proxy.mode,
-            failback: config.failover.failback,
-        });
-        control.spawn(admin::run(admin, admin_state, stop_control.clone()));
+        let (switchover_tx, switchovers) = mpsc::channel(4);
+        let history = Arc::new(History::default());
+        let control = Control {
+            checkers: (0..members.len())
+                .map(|idx| Checker {
+                    members: members.clone(),
+                    idx,
+                    config: config.health.clone(),
+                    metrics: metrics.clone(),
+                })
+                .collect(),
+            router: RouterTask {
+                router: Router::new(&config.failover, members.len()),
+                members: members.clone(),
+                route: route_tx,
+                history: history.clone(),
+                switchovers,
+                metrics: metrics.clone(),
+            },
+            admin,
+            admin_state: Arc::new(AdminState {
+                members: members.clone(),
+                route: route_rx.clone(),
+                metrics: metrics.clone(),
+                serving: serving.clone(),
+                mode: config.proxy.mode,
+                failback: config.failover.failback,
+                token: config.admin.token.clone(),
+                switchovers: switchover_tx,
+                switching: AtomicBool::new(false),
+                history,
+            }),
+        };
+        let stop_control = CancellationToken::new();
+        // If this future is dropped (an aborted task), the control path stops with it.
+        let _stop_control_on_drop = stop_control.clone().drop_guard();
+        let control = match control.start(stop_control.clone()) {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the control thread");
+                return;
+            }
+        };
 
         let ctx = Arc::new(Context {
             members,
@@ -152,6 +164,8 @@ impl Server {
             reply_timeout: config.proxy.reply_timeout,
             unavailable_timeout: config.proxy.unavailable_timeout,
             connect_timeout: config.proxy.connect_timeout,
+            probe_timeout: config.health.connect_timeout + config.health.timeout,
+            oom_refuses: config.health.errors.oom,
             retry_reads: config.failover.retry_reads,
             client_idle_timeout: config.proxy.client_idle_timeout,
             query_buffer_limit: config.proxy.client_query_buffer_limit,
@@ -222,9 +236,53 @@ impl Server {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
         stop_control.cancel();
-        control.close();
-        control.wait().await;
+        let _ = tokio::task::spawn_blocking(move || control.join()).await;
         info!("geoproxy stopped");
+    }
+}
+
+/// The control path: checkers, router and admin API, on a thread and runtime of their own,
+/// so a busy data path cannot delay a check into a false timeout.
+struct Control {
+    checkers: Vec<Checker>,
+    router: RouterTask,
+    admin: TcpListener,
+    admin_state: Arc<AdminState>,
+}
+
+impl Control {
+    fn start(self, stop: CancellationToken) -> io::Result<std::thread::JoinHandle<()>> {
+        // A listener belongs to the runtime that registered it: hand over the socket.
+        let admin = self.admin.into_std()?;
+        std::thread::Builder::new()
+            .name("geoproxy-control".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let runtime = match runtime {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the control runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let tasks = TaskTracker::new();
+                    for checker in self.checkers {
+                        tasks.spawn(checker.run(stop.clone()));
+                    }
+                    tasks.spawn(self.router.run(stop.clone()));
+                    match TcpListener::from_std(admin) {
+                        Ok(admin) => {
+                            tasks.spawn(admin::run(admin, self.admin_state, stop.clone()));
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot serve the admin API"),
+                    }
+                    tasks.close();
+                    tasks.wait().await;
+                });
+            })
     }
 }
 

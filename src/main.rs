@@ -50,8 +50,8 @@ fn main() -> ExitCode {
         subscriber.init();
     }
 
-    // This thread runs the control path and the first worker; `Server::run` starts the
-    // others, each with a single-threaded runtime of its own.
+    // This thread runs the first worker; `Server::run` starts the others and the control
+    // path, each on a thread with a single-threaded runtime of its own.
     let mut runtime = tokio::runtime::Builder::new_current_thread();
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,

@@ -3,18 +3,18 @@
 //!
 //! The member's checker (in `health`) is the only writer of its health. Sessions read one
 //! atomic flag on the hot path; the router and the admin API read the fuller [`Status`]
-//! under a short lock. Sessions report what they see on live traffic with
-//! [`Member::report`]; the checker acts on it.
+//! under a short lock. Sessions report what they see on live traffic to the member's
+//! [`Evidence`]; the checker probes and answers.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::MemberConfig;
-use crate::health::State;
+use crate::health::{Cause, Evidence, State};
 use crate::resp::table::CommandTable;
 
 /// The command table used until a member's own is known.
@@ -36,6 +36,31 @@ pub enum Signal {
     MemberDown,
 }
 
+impl Signal {
+    /// How many kinds there are (for per-kind counters).
+    pub const KINDS: usize = 4;
+    pub const ALL: [Signal; Signal::KINDS] = [
+        Signal::ConnectFailed,
+        Signal::ConnectionLost,
+        Signal::ReplyTimeout,
+        Signal::MemberDown,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The kind as metrics and switch reasons name it (`passive:<label>`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Signal::ConnectFailed => "connect_failed",
+            Signal::ConnectionLost => "connection_lost",
+            Signal::ReplyTimeout => "reply_timeout",
+            Signal::MemberDown => "member_down",
+        }
+    }
+}
+
 impl fmt::Display for Signal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -53,6 +78,8 @@ pub struct Status {
     pub state: State,
     /// When `state` last changed (the start of the current up or down period).
     pub since: Instant,
+    /// Why the member is down (while it is).
+    pub cause: Option<Cause>,
     /// The last failed check's error, kept until a check succeeds.
     pub last_error: Option<String>,
     /// Duration of the last check, in seconds.
@@ -64,9 +91,11 @@ pub struct Member {
     /// Mirrors `status.state == Up`, for sessions (no lock on the hot path).
     up: AtomicBool,
     status: Mutex<Status>,
-    /// Passive signals to this member's checker. Bounded: a full queue means the checker
-    /// already has reasons to look, so extra signals are dropped.
-    signals: mpsc::Sender<Signal>,
+    /// Passive signals, waiting for the checker's confirming probe.
+    pub evidence: Evidence,
+    /// Replies in which the member said it cannot serve (`-LOADING`, `-BUSY`, ...): the
+    /// checker's error window reads the total.
+    refusals: AtomicU64,
     /// The member's own `COMMAND` table, once its checker fetched it.
     commands: OnceLock<CommandTable>,
 }
@@ -99,11 +128,12 @@ impl Member {
         self.lock().clone()
     }
 
-    /// Sets the health state (the checker's call).
-    pub(crate) fn set_state(&self, state: State, now: Instant) {
+    /// Sets the health state (the checker's call), with the cause of a fall.
+    pub(crate) fn set_state(&self, state: State, cause: Option<Cause>, now: Instant) {
         let mut s = self.lock();
         s.state = state;
         s.since = now;
+        s.cause = cause;
         self.up.store(state == State::Up, Ordering::Relaxed);
     }
 
@@ -113,9 +143,18 @@ impl Member {
         s.last_error = error;
     }
 
-    /// A session's report of a failure on live traffic (a passive signal).
-    pub fn report(&self, signal: Signal) {
-        let _ = self.signals.try_send(signal);
+    /// An error that is not a check's (the error window tripped).
+    pub(crate) fn record_error(&self, error: String) {
+        self.lock().last_error = Some(error);
+    }
+
+    /// `n` replies in which the member said it cannot serve.
+    pub fn refused(&self, n: u64) {
+        self.refusals.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Status> {
@@ -131,37 +170,28 @@ pub struct Members {
 }
 
 impl Members {
-    /// Builds the members and, for each, the receiving end of its passive-signal queue
-    /// (handed to its checker).
-    pub fn new(
-        configs: &[MemberConfig],
-        now: Instant,
-    ) -> (Arc<Members>, Vec<mpsc::Receiver<Signal>>) {
-        let mut receivers = Vec::with_capacity(configs.len());
+    pub fn new(configs: &[MemberConfig], now: Instant) -> Arc<Members> {
         let list = configs
             .iter()
-            .map(|config| {
-                let (tx, rx) = mpsc::channel(16);
-                receivers.push(rx);
-                Member {
-                    config: config.clone(),
-                    up: AtomicBool::new(false),
-                    status: Mutex::new(Status {
-                        state: State::Unknown,
-                        since: now,
-                        last_error: None,
-                        last_check_seconds: None,
-                    }),
-                    signals: tx,
-                    commands: OnceLock::new(),
-                }
+            .map(|config| Member {
+                config: config.clone(),
+                up: AtomicBool::new(false),
+                status: Mutex::new(Status {
+                    state: State::Unknown,
+                    since: now,
+                    cause: None,
+                    last_error: None,
+                    last_check_seconds: None,
+                }),
+                evidence: Evidence::default(),
+                refusals: AtomicU64::new(0),
+                commands: OnceLock::new(),
             })
             .collect();
-        let members = Members {
+        Arc::new(Members {
             list,
             changed: Notify::new(),
-        };
-        (Arc::new(members), receivers)
+        })
     }
 
     pub fn get(&self, idx: MemberIdx) -> &Member {

@@ -16,6 +16,8 @@ pub struct Metrics {
     switches: IntCounterVec,
     route_epoch: IntGauge,
     check_duration: HistogramVec,
+    passive_signals: IntCounterVec,
+    refusals: IntCounterVec,
     pub sessions_open: IntGauge,
     pub sessions_total: IntCounter,
     pub sessions_moved: IntCounter,
@@ -93,6 +95,29 @@ impl Metrics {
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     ]),
+                    &["member"]
+                )
+            ),
+            passive_signals: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_passive_signals_total",
+                        "Failures sessions saw on live traffic, by member, kind and outcome of \
+                         the confirming probe (confirmed: the member was down; dismissed: it \
+                         was healthy)."
+                    ),
+                    &["member", "kind", "outcome"]
+                )
+            ),
+            refusals: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_member_refusals_total",
+                        "Replies in which a member said it cannot serve (-LOADING, -BUSY, \
+                         -MASTERDOWN, -TRYAGAIN, -CLUSTERDOWN), by member."
+                    ),
                     &["member"]
                 )
             ),
@@ -214,6 +239,19 @@ impl Metrics {
     pub fn switched(&self, from: &str, to: &str, reason: &str) {
         self.switches.with_label_values(&[from, to, reason]).inc();
         self.route_epoch.inc();
+    }
+
+    pub fn passive_signals(&self, member: &str, kind: &str, confirmed: bool, n: u64) {
+        let outcome = if confirmed { "confirmed" } else { "dismissed" };
+        self.passive_signals
+            .with_label_values(&[member, kind, outcome])
+            .inc_by(n);
+    }
+
+    /// The member's refusals total, as its checker last sampled it.
+    pub fn refusals(&self, member: &str, total: u64) {
+        let counter = self.refusals.with_label_values(&[member]);
+        counter.inc_by(total.saturating_sub(counter.get()));
     }
 
     pub fn check_duration(&self, member: &str, seconds: f64) {

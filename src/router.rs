@@ -1,21 +1,35 @@
 //! The router: decides which member sessions use, and publishes it as a [`Route`].
 //!
-//! [`Router::decide`] is plain logic, a function of the members' health, the failback rules
-//! and the time, so it is tested with tables of cases and made-up instants. [`run`] wraps it
-//! in a task that re-decides when a member flips or a grace period ends, and publishes each
-//! switch on a `watch` channel that sessions read without locks.
+//! [`Router::decide`] is plain logic, a function of the members' health, the failback rules,
+//! the operator's choice and the time, so it is tested with tables of cases and made-up
+//! instants. [`run`] wraps it in a task that re-decides when a member flips, a hold ends or
+//! an operator asks for a switchover, and publishes each switch on a `watch` channel that
+//! sessions read without locks.
+//!
+//! The rules:
+//! - **Failover** is immediate, to the first member that is *settled* (up for its hold, and
+//!   not left within it), else to the first member up. A member known down is never chosen.
+//! - **Failback** (`failback = "auto"`) returns to a more preferred member once it is settled.
+//! - **Hold**: a member's hold is `failback_after`; one that fails within `flap_hold_max` of
+//!   traffic returning to it has flapped, and its hold doubles (up to `flap_hold_max`); one
+//!   that served that long without failing is back to `failback_after`.
+//! - **Startup** waits for the members more preferred than the first one up.
+//! - **Switchover**: an operator sends traffic to a member that is up; the router stays there
+//!   (no failback) until that member fails.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Failback, FailoverConfig};
-use crate::health::State;
+use crate::health::{Cause, State};
 use crate::member::{MemberIdx, Members};
 use crate::metrics::Metrics;
 
@@ -33,25 +47,25 @@ pub struct Route {
 pub enum Reason {
     /// First route after start.
     Initial,
-    /// The active member is down.
-    Failover,
-    /// A more preferred member has been healthy for `failback_after`.
+    /// The active member went down, for this cause (to another member, or to none).
+    Failover(Cause),
+    /// A more preferred member has been healthy for its hold.
     Failback,
     /// A member is up again after all were down.
     Recovered,
-    /// No member is up.
-    AllDown,
+    /// An operator asked for it (`POST /v1/switchover`).
+    Operator,
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Reason::Initial => "initial",
-            Reason::Failover => "failover",
-            Reason::Failback => "failback",
-            Reason::Recovered => "recovered",
-            Reason::AllDown => "all_down",
-        })
+        match self {
+            Reason::Initial => f.write_str("initial"),
+            Reason::Failover(cause) => cause.fmt(f),
+            Reason::Failback => f.write_str("failback"),
+            Reason::Recovered => f.write_str("recovered"),
+            Reason::Operator => f.write_str("operator"),
+        }
     }
 }
 
@@ -61,6 +75,8 @@ pub struct MemberView {
     pub state: State,
     /// When `state` began.
     pub since: Instant,
+    /// Why it is down (while it is).
+    pub cause: Option<Cause>,
 }
 
 /// A change of route.
@@ -75,32 +91,61 @@ pub struct Switch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub switch: Option<Switch>,
-    /// Decide again at this instant even if nothing flips (a grace period ends).
+    /// Decide again at this instant even if nothing flips (a hold ends).
     pub wake_at: Option<Instant>,
+}
+
+/// Why a switchover was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchoverError {
+    #[error("no member has this id")]
+    UnknownMember,
+    #[error("the member is not healthy")]
+    NotHealthy,
 }
 
 /// The failover/failback decision.
 #[derive(Debug)]
 pub struct Router {
     failback: Failback,
-    /// How long a member must have been up before traffic returns to it, and how long a
-    /// member that was just left is avoided.
+    /// A member's hold when it does not flap (`failback_after`).
     grace: Duration,
+    /// The longest hold, and how long a member must serve to be stable again.
+    hold_max: Duration,
     active: Option<MemberIdx>,
     /// Whether a route has been chosen since start.
     routed: bool,
-    /// When each member was last left.
-    left_at: Vec<Option<Instant>>,
+    /// The member an operator switched to: stayed on (no failback) while it is up.
+    operator: Option<MemberIdx>,
+    members: Vec<Track>,
+}
+
+/// The router's memory of one member.
+#[derive(Debug, Clone, Copy)]
+struct Track {
+    /// How long it must be up (and not left) before traffic returns to it.
+    hold: Duration,
+    /// When traffic last left it.
+    left_at: Option<Instant>,
+    /// When traffic last returned to it (failback, recovery, operator).
+    returned_at: Option<Instant>,
 }
 
 impl Router {
     pub fn new(config: &FailoverConfig, members: usize) -> Router {
+        let track = Track {
+            hold: config.failback_after,
+            left_at: None,
+            returned_at: None,
+        };
         Router {
             failback: config.failback,
             grace: config.failback_after,
+            hold_max: config.flap_hold_max,
             active: None,
             routed: false,
-            left_at: vec![None; members],
+            operator: None,
+            members: vec![track; members],
         }
     }
 
@@ -108,28 +153,33 @@ impl Router {
         self.active
     }
 
+    /// A member's current hold (for `/v1/status`).
+    pub fn hold(&self, member: MemberIdx) -> Duration {
+        self.members[member].hold
+    }
+
+    /// When member `i` becomes a target for failback (and a first choice for failover): up
+    /// for its hold, and not left within it.
+    fn settled_at(&self, i: MemberIdx, view: &MemberView) -> Instant {
+        let t = self.members[i];
+        let up_for = view.since + t.hold;
+        t.left_at.map_or(up_for, |left| up_for.max(left + t.hold))
+    }
+
     /// Decides the active member given the members' health (in preference order) at `now`.
     pub fn decide(&mut self, members: &[MemberView], now: Instant) -> Decision {
         let up = |i: usize| members[i].state == State::Up;
-        // A member is settled once it has been up for the grace period and was not left
-        // within it: only a settled member is failed back to.
-        let settled_at = |i: usize| {
-            let up_for = members[i].since + self.grace;
-            match self.left_at[i] {
-                Some(left) => up_for.max(left + self.grace),
-                None => up_for,
-            }
-        };
         match self.active {
             Some(a) if up(a) => {
-                if self.failback == Failback::Manual {
-                    return self.stay(None);
+                if self.failback == Failback::Manual || self.operator == Some(a) {
+                    return stay(None);
                 }
                 let better: Vec<usize> = (0..a).filter(|&i| up(i)).collect();
-                if let Some(&p) = better.iter().find(|&&i| settled_at(i) <= now) {
+                let settled = |i: &usize| self.settled_at(*i, &members[*i]);
+                if let Some(&p) = better.iter().find(|i| settled(i) <= now) {
                     return self.switch_to(Some(p), Reason::Failback, now);
                 }
-                self.stay(better.iter().map(|&i| settled_at(i)).min())
+                stay(better.iter().map(settled).min())
             }
             active => {
                 if !self.routed {
@@ -138,37 +188,72 @@ impl Router {
                     // worse member for the whole grace period.
                     return match members.iter().position(|m| m.state != State::Down) {
                         Some(i) if up(i) => self.switch_to(Some(i), Reason::Initial, now),
-                        _ => self.stay(None),
+                        _ => stay(None),
                     };
                 }
-                // Prefer a member not left within the grace period; any up member beats none.
-                let fresh = (0..members.len())
-                    .find(|&i| up(i) && self.left_at[i].is_none_or(|t| now >= t + self.grace));
-                let target = fresh.or_else(|| (0..members.len()).find(|&i| up(i)));
-                let reason = match (active, target) {
-                    (_, None) => Reason::AllDown,
-                    (None, Some(_)) => Reason::Recovered,
-                    (Some(_), Some(_)) => Reason::Failover,
-                };
+                // The first settled member; else the one closest to settled (one that came
+                // back seconds ago is the last choice); any member up beats none.
+                let settled = |i: usize| self.settled_at(i, &members[i]);
+                let candidates = (0..members.len()).filter(|&i| up(i));
+                let target = candidates
+                    .clone()
+                    .find(|&i| settled(i) <= now)
+                    .or_else(|| candidates.min_by_key(|&i| settled(i)));
                 if target == active {
-                    return self.stay(None);
+                    return stay(None);
                 }
+                let reason = match active {
+                    Some(a) => Reason::Failover(members[a].cause.unwrap_or(Cause::Check)),
+                    None => Reason::Recovered,
+                };
                 self.switch_to(target, reason, now)
             }
         }
     }
 
-    fn stay(&self, wake_at: Option<Instant>) -> Decision {
-        Decision {
-            switch: None,
-            wake_at,
+    /// An operator asks for traffic to go to `to` (which must be up).
+    pub fn switchover(
+        &mut self,
+        to: MemberIdx,
+        members: &[MemberView],
+        now: Instant,
+    ) -> Result<Decision, SwitchoverError> {
+        let view = members.get(to).ok_or(SwitchoverError::UnknownMember)?;
+        if view.state != State::Up {
+            return Err(SwitchoverError::NotHealthy);
         }
+        self.operator = Some(to);
+        if self.active == Some(to) {
+            return Ok(stay(None));
+        }
+        Ok(self.switch_to(Some(to), Reason::Operator, now))
     }
 
     fn switch_to(&mut self, to: Option<MemberIdx>, reason: Reason, now: Instant) -> Decision {
         let from = self.active;
         if let Some(f) = from {
-            self.left_at[f] = Some(now);
+            let left = &mut self.members[f];
+            left.left_at = Some(now);
+            if let Reason::Failover(_) = reason {
+                // Failed within `hold_max` of traffic returning to it: a flap.
+                let flapped = left.returned_at.is_some_and(|t| now < t + self.hold_max);
+                left.hold = if flapped {
+                    (left.hold * 2).min(self.hold_max)
+                } else {
+                    self.grace
+                };
+            }
+        }
+        if let Some(t) = to {
+            if matches!(
+                reason,
+                Reason::Failback | Reason::Recovered | Reason::Operator
+            ) {
+                self.members[t].returned_at = Some(now);
+            }
+        }
+        if self.operator != to {
+            self.operator = None;
         }
         self.active = to;
         self.routed = true;
@@ -179,16 +264,89 @@ impl Router {
     }
 }
 
-/// The router task: re-decides on every health flip and grace expiry, publishes switches.
-pub async fn run(
-    mut router: Router,
-    members: Arc<Members>,
-    route: watch::Sender<Route>,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let views: Vec<MemberView> = members
+fn stay(wake_at: Option<Instant>) -> Decision {
+    Decision {
+        switch: None,
+        wake_at,
+    }
+}
+
+/// One switch, as `/v1/status` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchRecord {
+    /// Unix time, seconds.
+    pub at: f64,
+    pub epoch: u64,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub reason: String,
+}
+
+/// The last switches, newest last.
+#[derive(Default)]
+pub struct History(Mutex<VecDeque<SwitchRecord>>);
+
+/// Switches kept in [`History`].
+const HISTORY: usize = 20;
+
+impl History {
+    fn push(&self, record: SwitchRecord) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(record);
+    }
+
+    pub fn list(&self) -> Vec<SwitchRecord> {
+        let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        h.iter().cloned().collect()
+    }
+}
+
+/// A switchover request to the router task, with where to send its outcome.
+pub struct SwitchoverRequest {
+    pub to: MemberIdx,
+    pub reply: oneshot::Sender<Result<Route, SwitchoverError>>,
+}
+
+/// What the router task works with.
+pub struct RouterTask {
+    pub router: Router,
+    pub members: Arc<Members>,
+    pub route: watch::Sender<Route>,
+    pub history: Arc<History>,
+    pub switchovers: mpsc::Receiver<SwitchoverRequest>,
+    pub metrics: Metrics,
+}
+
+impl RouterTask {
+    /// Re-decides on every health flip, hold expiry and switchover; publishes switches.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let views = self.views();
+            let decision = self.router.decide(&views, Instant::now());
+            self.publish(decision);
+            let wake_at = decision.wake_at;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.members.changed.notified() => {}
+                Some(request) = self.switchovers.recv() => {
+                    let views = self.views();
+                    let outcome = self.router.switchover(request.to, &views, Instant::now());
+                    let outcome = outcome.map(|decision| {
+                        self.publish(decision);
+                        *self.route.borrow()
+                    });
+                    let _ = request.reply.send(outcome);
+                }
+                _ = sleep_until(wake_at.unwrap_or_else(far_future)), if wake_at.is_some() => {}
+            }
+        }
+    }
+
+    fn views(&self) -> Vec<MemberView> {
+        self.members
             .list
             .iter()
             .map(|m| {
@@ -196,36 +354,43 @@ pub async fn run(
                 MemberView {
                     state: s.state,
                     since: s.since,
+                    cause: s.cause,
                 }
             })
-            .collect();
-        let decision = router.decide(&views, Instant::now());
-        if let Some(switch) = decision.switch {
-            let name = |i: Option<MemberIdx>| i.map_or("none", |i| members.get(i).id());
-            let epoch = route.borrow().epoch + 1;
-            route.send_replace(Route {
-                epoch,
-                member: switch.to,
-            });
-            metrics.switched(
-                name(switch.from),
-                name(switch.to),
-                &switch.reason.to_string(),
-            );
-            for (i, m) in members.list.iter().enumerate() {
-                metrics.active_member(m.id(), switch.to == Some(i));
-            }
-            let (from, to, reason) = (name(switch.from), name(switch.to), switch.reason);
-            if switch.to.is_none() {
-                warn!(from, to, %reason, epoch, "switch: no member available");
-            } else {
-                info!(from, to, %reason, epoch, "switch");
-            }
+            .collect()
+    }
+
+    /// Publishes a switch: the route, the metrics, the history and one log line.
+    fn publish(&self, decision: Decision) {
+        let Some(switch) = decision.switch else {
+            return;
+        };
+        let members = &self.members;
+        let name = |i: Option<MemberIdx>| i.map_or("none", |i| members.get(i).id());
+        let epoch = self.route.borrow().epoch + 1;
+        self.route.send_replace(Route {
+            epoch,
+            member: switch.to,
+        });
+        let (from, to, reason) = (name(switch.from), name(switch.to), switch.reason);
+        self.metrics.switched(from, to, &reason.to_string());
+        for (i, m) in members.list.iter().enumerate() {
+            self.metrics.active_member(m.id(), switch.to == Some(i));
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = members.changed.notified() => {}
-            _ = sleep_until(decision.wake_at.unwrap_or_else(far_future)), if decision.wake_at.is_some() => {}
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.history.push(SwitchRecord {
+            at,
+            epoch,
+            from: switch.from.map(|i| members.get(i).id().to_string()),
+            to: switch.to.map(|i| members.get(i).id().to_string()),
+            reason: reason.to_string(),
+        });
+        if switch.to.is_none() {
+            warn!(from, to, %reason, epoch, "switch: no member available");
+        } else {
+            info!(from, to, %reason, epoch, "switch");
         }
     }
 }
@@ -241,11 +406,14 @@ mod tests {
 
     const GRACE: Duration = Duration::from_secs(30);
 
+    const HOLD_MAX: Duration = Duration::from_secs(240);
+
     fn router(failback: Failback) -> Router {
         let config = FailoverConfig {
             failback,
             failback_after: GRACE,
             retry_reads: false,
+            flap_hold_max: HOLD_MAX,
         };
         Router::new(&config, 3)
     }
@@ -257,6 +425,7 @@ mod tests {
             .map(|&(state, began)| MemberView {
                 state,
                 since: t0 + Duration::from_secs(at) - Duration::from_secs(began),
+                cause: (state == Down).then_some(Cause::Check),
             })
             .collect()
     }
@@ -332,6 +501,99 @@ mod tests {
     }
 
     #[test]
+    fn failover_prefers_a_settled_member_to_one_just_back() {
+        // 1 came back 3 s ago (it was down while it was not active): 2 has been up all
+        // along, so the failover from 0 goes to 2.
+        let got = script(
+            Failback::Auto,
+            &[
+                (0, &[(Up, 0), (Up, 0), (Up, 0)]),
+                (40, &[(Up, 40), (Up, 3), (Up, 40)]),
+                (41, &[(Down, 0), (Up, 4), (Up, 41)]),
+            ],
+        );
+        assert_eq!(got, [Some(0), Some(0), Some(2)]);
+        // With no settled member, any member up beats none.
+        let got = script(
+            Failback::Auto,
+            &[
+                (0, &[(Up, 0), (Up, 0), (Down, 0)]),
+                (40, &[(Down, 0), (Up, 3), (Down, 40)]),
+            ],
+        );
+        assert_eq!(got, [Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn a_flapping_member_is_held_longer_each_time() {
+        let t0 = Instant::now() + Duration::from_secs(1000);
+        let mut r = router(Failback::Auto);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let v = |now: u64, m0: (State, u64)| views(t0, now, &[m0, (Up, now), (Down, now)]);
+        r.decide(&v(0, (Up, 0)), at(0));
+        // 0 fails, comes back, is failed back to after 30 s, fails again 5 s later: flapped,
+        // so the next failback waits 60 s, then 120 s, capped at 240 s.
+        let mut now = 0;
+        for hold in [30, 60, 120, 240, 240] {
+            now += 1;
+            r.decide(&v(now, (Down, 0)), at(now));
+            assert_eq!(r.active(), Some(1));
+            now += 1;
+            r.decide(&v(now, (Up, 0)), at(now));
+            assert_eq!(r.hold(0), Duration::from_secs(hold));
+            let d = r.decide(&v(now + hold - 1, (Up, hold - 1)), at(now + hold - 1));
+            assert_eq!(r.active(), Some(1), "held {hold} s");
+            assert_eq!(d.wake_at, Some(at(now + hold)));
+            now += hold;
+            r.decide(&v(now, (Up, hold)), at(now));
+            assert_eq!(r.active(), Some(0), "back after {hold} s");
+            now += 5;
+        }
+        // Serving for `flap_hold_max` without failing makes it stable again.
+        now += 240;
+        r.decide(&v(now, (Down, 0)), at(now));
+        assert_eq!(r.hold(0), GRACE);
+    }
+
+    #[test]
+    fn switchover_goes_to_a_healthy_member_and_stays() {
+        let t0 = Instant::now() + Duration::from_secs(1000);
+        let mut r = router(Failback::Auto);
+        let all_up = views(t0, 100, &[(Up, 100), (Up, 100), (Down, 100)]);
+        r.decide(&all_up, t0);
+        assert_eq!(
+            r.switchover(2, &all_up, t0),
+            Err(SwitchoverError::NotHealthy)
+        );
+        assert_eq!(
+            r.switchover(7, &all_up, t0),
+            Err(SwitchoverError::UnknownMember)
+        );
+        let d = r.switchover(1, &all_up, t0).unwrap();
+        assert_eq!(d.switch.map(|s| s.reason), Some(Reason::Operator));
+        // Auto failback does not undo an operator's choice...
+        let later = t0 + Duration::from_secs(500);
+        r.decide(&views(t0, 600, &[(Up, 600), (Up, 600), (Down, 600)]), later);
+        assert_eq!(r.active(), Some(1));
+        // ...until the chosen member fails.
+        let d = r.decide(&views(t0, 601, &[(Up, 601), (Down, 0), (Down, 601)]), later);
+        assert_eq!(r.active(), Some(0));
+        assert_eq!(
+            d.switch.map(|s| s.reason),
+            Some(Reason::Failover(Cause::Check))
+        );
+        // Manual failback: a switchover is the way back to the preferred member.
+        let mut r = router(Failback::Manual);
+        r.decide(&all_up, t0);
+        r.decide(&views(t0, 101, &[(Down, 0), (Up, 101), (Down, 101)]), t0);
+        r.decide(&views(t0, 500, &[(Up, 300), (Up, 500), (Down, 500)]), later);
+        assert_eq!(r.active(), Some(1));
+        let up = views(t0, 500, &[(Up, 300), (Up, 500), (Down, 500)]);
+        r.switchover(0, &up, later).unwrap();
+        assert_eq!(r.active(), Some(0));
+    }
+
+    #[test]
     fn a_member_just_left_is_avoided_while_another_is_up() {
         // 0 fails -> 1; 0 recovers (2 s) and 1 fails: 2 is fresh, so it is preferred to 0,
         // which was left 3 s ago.
@@ -363,6 +625,28 @@ mod tests {
                 to: Some(0),
                 reason: Reason::Failback
             })
+        );
+    }
+
+    #[test]
+    fn reasons_name_the_cause() {
+        let reasons = [
+            Reason::Failover(Cause::Check),
+            Reason::Failover(Cause::Passive(crate::member::Signal::ConnectionLost)),
+            Reason::Failover(Cause::Errors),
+            Reason::Failback,
+            Reason::Operator,
+        ];
+        let names: Vec<String> = reasons.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "check:ping",
+                "passive:connection_lost",
+                "passive:errors",
+                "failback",
+                "operator"
+            ]
         );
     }
 }

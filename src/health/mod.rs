@@ -1,15 +1,45 @@
 //! Health: consecutive-result counters per member, and the checker task that feeds them.
 //!
 //! A member's [`Health`] changes state only after `rise` consecutive good or `fall`
-//! consecutive bad results, or at once on a passive connection-level failure. Only a flip
-//! logs, counts a metric and wakes the router.
+//! consecutive bad results, or at once when a passive signal is confirmed by a probe on a
+//! fresh connection ([`evidence`]) or the member's own error replies trip its window
+//! ([`errors`]). Only a flip logs, counts a metric and wakes the router.
 
 mod checker;
+pub mod errors;
+pub mod evidence;
 mod ping;
 
 pub use checker::Checker;
+pub use evidence::Evidence;
+
+use std::fmt;
 
 use serde::Serialize;
+
+use crate::member::Signal;
+
+/// Why a member went down: the first half of a failover's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// `fall` consecutive PING checks failed.
+    Check,
+    /// A session's signal, confirmed by a probe on a fresh connection.
+    Passive(Signal),
+    /// The member's "cannot serve" error replies tripped its error window.
+    Errors,
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::Check => f.write_str("check:ping"),
+            Cause::Passive(signal) => write!(f, "passive:{}", signal.label()),
+            Cause::Errors => f.write_str("passive:errors"),
+        }
+    }
+}
+
 /// A member's health state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,7 +112,7 @@ impl Health {
         Some(self.flip(to))
     }
 
-    /// Up/Unknown -> Down at once: a connection-level failure seen on live traffic.
+    /// Up/Unknown -> Down at once: a confirmed passive signal, or a tripped error window.
     pub fn force_down(&mut self) -> Option<Flip> {
         if self.state == State::Down {
             self.streak = 0; // a recovery in progress starts over

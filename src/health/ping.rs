@@ -1,13 +1,19 @@
 //! The PING check: the member answers RESP on a connection authenticated as configured.
 //!
-//! The connection is kept between checks; any failure or timeout drops it, so a late reply
-//! to an abandoned check can never be read as the answer to the next one.
+//! Two timeouts, each named in the error it gives: `connect_timeout` for the TCP connect of
+//! a fresh connection, `timeout` for the exchange (AUTH and PING) once connected. The
+//! connection is kept between checks and opened anew every `reconnect_interval` (host name
+//! resolved again, and proof the member still accepts connections); any failure or timeout
+//! drops it, so a late reply to an abandoned check is never read as the next one's answer.
+
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
 
-use crate::config::MemberConfig;
+use crate::config::{HealthConfig, MemberConfig};
 use crate::resp::request::encode_command;
 use crate::resp::table::CommandTable;
 use crate::upstream::{connect, error_line, read_reply};
@@ -15,71 +21,128 @@ use crate::upstream::{connect, error_line, read_reply};
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 const COMMAND: &[u8] = b"*1\r\n$7\r\nCOMMAND\r\n";
 
-#[derive(Default)]
+/// How long fetching a member's `COMMAND` table may take (a few hundred KB).
+const COMMAND_TABLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct PingCheck {
-    conn: Option<TcpStream>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    reconnect_interval: Duration,
+    conn: Option<(TcpStream, Instant)>,
     buf: BytesMut,
 }
 
 impl PingCheck {
-    /// Runs one check. The caller bounds it with the check timeout and calls
-    /// [`PingCheck::reset`] when it expires.
+    pub fn new(config: &HealthConfig) -> PingCheck {
+        PingCheck {
+            connect_timeout: config.connect_timeout,
+            timeout: config.timeout,
+            reconnect_interval: config.reconnect_interval,
+            conn: None,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// One periodic check, on the kept connection (opened anew when it is old).
     pub async fn run(&mut self, member: &MemberConfig) -> Result<(), String> {
-        let result = self.ping(member).await;
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|(_, opened)| opened.elapsed() >= self.reconnect_interval)
+        {
+            self.reset();
+        }
+        let result = self.check(member).await;
         if result.is_err() {
             self.reset();
         }
+        result
+    }
+
+    /// One check on a fresh connection, kept for nothing: the confirmation of a passive
+    /// signal must not lean on a connection that may be the one in trouble.
+    pub async fn fresh(&mut self, member: &MemberConfig) -> Result<(), String> {
+        self.reset();
+        let result = self.check(member).await;
+        self.reset();
         result
     }
 
     /// Fetches the member's `COMMAND` table on the check connection (after a good check).
     pub async fn command_table(&mut self) -> Result<CommandTable, String> {
-        let Some(conn) = self.conn.as_mut() else {
+        let Some((conn, _)) = self.conn.as_mut() else {
             return Err("no connection".into());
         };
-        let result = async {
+        let buf = &mut self.buf;
+        let fetch = async {
             conn.write_all(COMMAND).await.map_err(|e| e.to_string())?;
-            let reply = read_reply(conn, &mut self.buf)
-                .await
-                .map_err(|e| e.to_string())?;
+            let reply = read_reply(conn, buf).await.map_err(|e| e.to_string())?;
             CommandTable::parse(&reply)
                 .ok_or_else(|| format!("COMMAND answered: {}", error_line(&reply)))
-        }
-        .await;
+        };
+        let result = match timeout(COMMAND_TABLE_TIMEOUT, fetch).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no COMMAND reply within {COMMAND_TABLE_TIMEOUT:?}")),
+        };
         if result.is_err() {
             self.reset();
         }
         result
     }
 
-    /// Forgets the connection (after a failure or a timeout).
-    pub fn reset(&mut self) {
+    /// Forgets the connection.
+    fn reset(&mut self) {
         self.conn = None;
         self.buf.clear();
     }
 
-    async fn ping(&mut self, member: &MemberConfig) -> Result<(), String> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => {
-                let mut c = connect(&member.address).await.map_err(|e| e.to_string())?;
-                if let Some(password) = &member.password {
-                    let mut args = vec![b"AUTH".to_vec()];
-                    args.extend(member.username.iter().map(|u| u.as_bytes().to_vec()));
-                    args.push(password.expose().as_bytes().to_vec());
-                    let mut auth = Vec::new();
-                    encode_command(&args, &mut auth);
-                    c.write_all(&auth).await.map_err(|e| e.to_string())?;
-                    let reply = read_reply(&mut c, &mut self.buf)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if reply.first() != Some(&b'+') {
-                        return Err(format!("AUTH failed: {}", error_line(&reply)));
-                    }
+    async fn check(&mut self, member: &MemberConfig) -> Result<(), String> {
+        let fresh = self.conn.is_none();
+        if fresh {
+            let stream = match timeout(self.connect_timeout, connect(&member.address)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => {
+                    return Err(format!(
+                        "connect timeout: no connection to {} within {:?} \
+                         (health.connect_timeout)",
+                        member.address, self.connect_timeout
+                    ))
                 }
-                self.conn.insert(c)
-            }
+            };
+            self.conn = Some((stream, Instant::now()));
+        }
+        let limit = self.timeout;
+        match timeout(limit, self.handshake_and_ping(member, fresh)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "check timeout: no PING reply within {limit:?} (health.timeout)"
+            )),
+        }
+    }
+
+    async fn handshake_and_ping(
+        &mut self,
+        member: &MemberConfig,
+        fresh: bool,
+    ) -> Result<(), String> {
+        let Some((conn, _)) = self.conn.as_mut() else {
+            return Err("no connection".into());
         };
+        if let (true, Some(password)) = (fresh, &member.password) {
+            let mut args = vec![b"AUTH".to_vec()];
+            args.extend(member.username.iter().map(|u| u.as_bytes().to_vec()));
+            args.push(password.expose().as_bytes().to_vec());
+            let mut auth = Vec::new();
+            encode_command(&args, &mut auth);
+            conn.write_all(&auth).await.map_err(|e| e.to_string())?;
+            let reply = read_reply(conn, &mut self.buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if reply.first() != Some(&b'+') {
+                return Err(format!("AUTH failed: {}", error_line(&reply)));
+            }
+        }
         conn.write_all(PING).await.map_err(|e| e.to_string())?;
         let reply = read_reply(conn, &mut self.buf)
             .await

@@ -91,6 +91,14 @@ impl Reply {
         }
     }
 
+    /// The first [`HEAD_LEN`] bytes of an error line (after `-`); empty for other frames.
+    pub fn error_head(&self) -> &[u8] {
+        match self.kind {
+            b'-' => &self.head[..self.head_len as usize],
+            _ => &[],
+        }
+    }
+
     /// The first bytes of an array's or push's first element, if that is a bulk string, or
     /// of a simple string.
     fn head(&self) -> &[u8] {
@@ -101,8 +109,9 @@ impl Reply {
     }
 }
 
-/// Bytes kept of the first element of an array: enough for `pmessage`.
-const HEAD_LEN: usize = 8;
+/// Bytes kept of the first element of an array (enough for `pmessage`), or of a simple or
+/// error line (enough for `MASTERDO`).
+pub const HEAD_LEN: usize = 8;
 
 #[derive(Debug, Clone, Copy)]
 struct Open {
@@ -184,7 +193,7 @@ impl ReplyScanner {
                 self.elements = 0;
                 self.failed_elements = 0;
                 self.failed_beyond = false;
-                if kind == b'+' {
+                if matches!(kind, b'+' | b'-') {
                     let n = header.len().min(HEAD_LEN);
                     self.head[..n].copy_from_slice(&header[..n]);
                     self.head_len = n as u8;

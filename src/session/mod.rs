@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
+use crate::health::errors::cannot_serve;
 use crate::member::{MemberIdx, Members, Signal};
 use crate::metrics::Metrics;
 use crate::resp::command::{classify, Kind};
@@ -45,6 +46,7 @@ use crate::resp::ProtocolError;
 use crate::router::Route;
 use crate::upstream::Upstream;
 use ledger::{needs_args, Command, Frame, Ledger};
+use moving::AwaitingVerdict;
 use timers::{block_deadline, Backoff, Timer};
 use transaction::Broken;
 
@@ -68,6 +70,11 @@ pub struct Context {
     pub reply_timeout: Duration,
     pub unavailable_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The longest a confirming probe takes (`health.connect_timeout` + `health.timeout`):
+    /// a session waits about this long for a verdict.
+    pub probe_timeout: Duration,
+    /// `health.error_oom`: `-OOM` replies count as the member refusing to serve.
+    pub oom_refuses: bool,
     /// `failover.retry_reads`: in-flight read-only commands go to the new member.
     pub retry_reads: bool,
     /// `proxy.client_idle_timeout`.
@@ -87,6 +94,10 @@ enum SessionError {
     Unrecoverable(String),
     #[error("client query buffer over {0} bytes (proxy.client_query_buffer_limit)")]
     QueryBufferLimit(usize),
+    #[error(
+        "member {0} closed the connection and answers others: closing the client, as Redis did"
+    )]
+    ClosedByMember(String),
 }
 
 /// Events the session waits for.
@@ -94,6 +105,8 @@ enum Event {
     ClientRead(io::Result<usize>),
     UpstreamRead(io::Result<usize>),
     RouteChanged,
+    /// The checker's verdict on why the member closed the session's upstream.
+    Verdict(bool),
     Timer,
     Shutdown,
 }
@@ -148,6 +161,11 @@ pub struct Session {
     last_activity: Instant,
     /// Last read from or write to the client (for the idle timeout).
     last_client_io: Instant,
+    /// The member closed this session's upstream: waiting for the checker's verdict.
+    verdict: Option<AwaitingVerdict>,
+    /// When the member's silence was last reported (reply timeout), if it was since the
+    /// last progress.
+    suspected_at: Option<Instant>,
     /// Blocking commands owed: their replies may take as long as they say.
     blocked_until: Option<Instant>,
     blocked_forever: bool,
@@ -185,6 +203,8 @@ impl Session {
             backoff: Backoff::default(),
             last_activity: now,
             last_client_io: now,
+            verdict: None,
+            suspected_at: None,
             blocked_until: None,
             blocked_forever: false,
             timer: Timer::new(now),
@@ -200,6 +220,7 @@ impl Session {
                 self.ctx.metrics.protocol_errors.inc();
                 warn!(error = %e, "closing session");
             }
+            Err(e @ SessionError::ClosedByMember(_)) => debug!(error = %e, "closing session"),
             Err(e) => info!(error = %e, "closing session"),
         }
     }
@@ -267,6 +288,7 @@ impl Session {
                     }
                 }
                 Event::RouteChanged => self.route_seen = *self.route.borrow_and_update(),
+                Event::Verdict(healthy) => self.on_verdict(healthy)?,
                 Event::Timer => {
                     if self.on_timer().await? {
                         return Ok(());
@@ -290,6 +312,7 @@ impl Session {
             replies,
             route,
             route_open,
+            verdict,
             timer,
             ..
         } = self;
@@ -314,6 +337,7 @@ impl Session {
                     Event::RouteChanged
                 }
             },
+            healthy = wait_verdict(verdict.as_mut()) => Event::Verdict(healthy),
             _ = timer.fired(), if timer_enabled => Event::Timer,
             _ = shutdown, if !draining => Event::Shutdown,
         }
@@ -511,16 +535,26 @@ impl Session {
 
     /// Writes the first `end` buffered bytes (`n` commands) to the upstream.
     async fn send(&mut self, end: usize, n: u64, was_idle: bool) -> Result<(), SessionError> {
-        let Some(upstream) = self.upstream.as_mut() else {
+        let Session {
+            ctx,
+            upstream,
+            requests,
+            route,
+            route_seen,
+            route_open,
+            ..
+        } = self;
+        let Some(upstream) = upstream.as_mut() else {
             self.requests.advance(end);
             return Ok(());
         };
-        let result = write_to_member(
-            &mut upstream.stream,
-            &self.requests[..end],
-            self.ctx.reply_timeout,
-        )
-        .await;
+        let member = MemberWrite {
+            ctx,
+            idx: upstream.member,
+            route: route_open.then_some(route),
+            route_seen,
+        };
+        let result = member.write(&mut upstream.stream, &requests[..end]).await;
         self.requests.advance(end);
         if let Some(c) = &self.commands {
             c.inc_by(n);
@@ -587,11 +621,19 @@ impl Session {
                 ..
             } = self;
             let mut unexpected = false;
+            let mut refusals = 0;
+            let oom = self.ctx.oom_refuses;
             let consumed = reply_scanner
                 .scan(replies, |reply| {
                     unexpected |= ledger.frame(reply) == Frame::Unexpected;
+                    if reply.is_error() && cannot_serve(reply.error_head(), oom) {
+                        refusals += 1;
+                    }
                 })
                 .map_err(SessionError::MemberProtocol)?;
+            if let (true, Some(u)) = (refusals > 0, &self.upstream) {
+                self.ctx.members.get(u.member).refused(refusals);
+            }
             if unexpected {
                 self.ctx.metrics.protocol_errors.inc();
                 warn!("a reply arrived that no command asked for; relaying raw from now on");
@@ -658,29 +700,70 @@ impl Session {
 /// The reply to a command when no member is available.
 const UNAVAILABLE: &[u8] = b"-UNAVAILABLE geoproxy: no member available\r\n";
 
-/// Writes all of `buf` to a member, which must take it within `limit`: a member that stops
-/// reading is hung, like one that stops answering.
-async fn write_to_member(
-    stream: &mut TcpStream,
-    buf: &[u8],
-    limit: Duration,
-) -> Result<(), (Signal, String)> {
-    // Fast path: the socket takes the whole batch at once, and no timer is needed.
-    let written = match stream.try_write(buf) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err((Signal::ConnectionLost, e.to_string())),
-    };
-    if written == buf.len() {
-        return Ok(());
+/// A write to the session's member, and what may cut it short.
+struct MemberWrite<'a> {
+    ctx: &'a Context,
+    idx: MemberIdx,
+    /// The route, while the router publishes.
+    route: Option<&'a mut watch::Receiver<Route>>,
+    route_seen: &'a mut Route,
+}
+
+impl MemberWrite<'_> {
+    /// Writes all of `buf`. A member that takes nothing for `reply_timeout` is suspected
+    /// (reported, and the write goes on, as the wait for a slow reply does); the write ends
+    /// early only when the route leaves the member because it is down.
+    async fn write(self, stream: &mut TcpStream, buf: &[u8]) -> Result<(), (Signal, String)> {
+        // Fast path: the socket takes the whole batch at once, and no timer is needed.
+        let written = match stream.try_write(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err((Signal::ConnectionLost, e.to_string())),
+        };
+        if written == buf.len() {
+            return Ok(());
+        }
+        let member = self.ctx.members.get(self.idx);
+        let mut write = std::pin::pin!(stream.write_all(&buf[written..]));
+        let mut route = self.route;
+        loop {
+            tokio::select! {
+                r = &mut write => {
+                    return r.map_err(|e| (Signal::ConnectionLost, e.to_string()));
+                }
+                _ = tokio::time::sleep(self.ctx.reply_timeout) => {
+                    debug!(member = member.id(), "member takes no data; asking for a probe");
+                    member.evidence.report(Signal::ReplyTimeout);
+                }
+                changed = changed(route.as_deref_mut()) => {
+                    if !changed {
+                        route = None; // the router is gone: keep writing
+                        continue;
+                    }
+                    if let Some(r) = route.as_deref_mut() {
+                        *self.route_seen = *r.borrow_and_update();
+                    }
+                    if self.route_seen.member != Some(self.idx) && !member.is_up() {
+                        return Err((Signal::MemberDown, "the route left it".into()));
+                    }
+                }
+            }
+        }
     }
-    match tokio::time::timeout(limit, stream.write_all(&buf[written..])).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err((Signal::ConnectionLost, e.to_string())),
-        Err(_) => Err((
-            Signal::ReplyTimeout,
-            format!("member took no data for {limit:?}"),
-        )),
+}
+
+/// Waits for a new route; false when the router is gone.
+async fn changed(route: Option<&mut watch::Receiver<Route>>) -> bool {
+    match route {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_verdict(verdict: Option<&mut AwaitingVerdict>) -> bool {
+    match verdict {
+        Some(v) => v.verdict().await,
+        None => std::future::pending().await,
     }
 }
 

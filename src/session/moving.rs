@@ -6,14 +6,22 @@
 //! reply, in order, and is never re-sent anywhere (a retried INCR would count twice once the
 //! CRDT members merge); commands not yet sent wait for the next member, up to
 //! `unavailable_timeout`, then get `-UNAVAILABLE`.
+//!
+//! What a session sees is evidence, not a verdict: it reports it to the member's checker,
+//! which probes on a fresh connection. When the member closed the session's connection, the
+//! session waits for that verdict: a member confirmed down is left when the route leaves it;
+//! a healthy member closed this one connection on purpose (`CLIENT KILL`, its `timeout`, its
+//! output-buffer limits), and the client is closed too, as Redis would have closed it.
 
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{Session, SessionError, Streaming};
+use crate::health::evidence::{Ticket, Verdict};
 use crate::member::{MemberIdx, Signal};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::RequestScanner;
@@ -21,6 +29,34 @@ use crate::upstream;
 
 /// RESP3 push telling a tracking client to flush its whole cache.
 const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+
+/// Longest wait for a verdict beyond the probe's own timeouts (the checker may be finishing
+/// a periodic check first).
+const VERDICT_SLACK: Duration = Duration::from_secs(1);
+
+/// A member closed the session's upstream; the session waits to learn why.
+pub(super) struct AwaitingVerdict {
+    pub member: MemberIdx,
+    ticket: Ticket,
+    verdicts: watch::Receiver<Verdict>,
+    /// No verdict by then: the member is treated as failed (the route decides).
+    pub until: Instant,
+}
+
+impl AwaitingVerdict {
+    /// Resolves with `true` (healthy) or `false` (down) once the verdict covers the report.
+    pub async fn verdict(&mut self) -> bool {
+        loop {
+            let v = *self.verdicts.borrow_and_update();
+            if v.covers >= self.ticket {
+                return v.healthy;
+            }
+            if self.verdicts.changed().await.is_err() {
+                return std::future::pending().await; // checker gone: the deadline decides
+            }
+        }
+    }
+}
 
 impl Session {
     /// Nothing owed and nothing that ties the session to its member connection.
@@ -49,9 +85,11 @@ impl Session {
         }
         let current = self.upstream.as_ref().map(|u| u.member);
         // A session with an upstream moves only when quiescent; one without has nothing
-        // to keep. A session whose client left (or sent QUIT) does not move at all.
+        // to keep. A session whose client left (or sent QUIT), or that waits to learn why
+        // its member closed its connection, does not move at all.
         let stays = current.is_some() && !self.quiescent();
-        if route.member == current || stays || self.client_eof || self.ledger.quitting() {
+        let waits = self.client_eof || self.ledger.quitting() || self.verdict.is_some();
+        if route.member == current || stays || waits {
             return Ok(());
         }
         let Some(target) = route.member else {
@@ -112,7 +150,7 @@ impl Session {
             }
             Err(e) => {
                 if e.is_member_failure() {
-                    member.report(Signal::ConnectFailed);
+                    member.evidence.report(Signal::ConnectFailed);
                 }
                 debug!(member = member.id(), error = %e, "cannot open upstream");
                 self.backoff.failed(Instant::now(), route.epoch);
@@ -162,11 +200,14 @@ impl Session {
             // QUIT answered (or about to be): the member closes, and so does the session.
             return Ok(());
         }
+        if signal != Signal::MemberDown {
+            self.report(lost.member, signal);
+        }
         let idle = self.ledger.in_flight() == 0 && self.quiescent_after_loss();
         if idle && signal == Signal::ConnectionLost && !self.ledger.quitting() {
-            // Nothing was owed: an idle connection closed (the member's `timeout`, CLIENT
-            // KILL). Reconnect quietly; a dead member shows on that connect. Tracking that
-            // redirects to another connection's id cannot follow: close, as on a failure.
+            // Nothing was owed: an idle connection closed. The verdict tells a member that
+            // died from one that closed it on purpose. Tracking that redirects to another
+            // connection's id cannot follow a move: close, as on a failure.
             debug!(member = %id, why, "idle upstream closed");
             if self.ledger.state().tracking_redirected() {
                 self.ctx.metrics.sessions_lost.inc();
@@ -174,9 +215,6 @@ impl Session {
             }
             self.detach();
             return Ok(());
-        }
-        if signal != Signal::MemberDown {
-            member.report(signal);
         }
         let (in_multi, watching) = self.ledger.in_transaction();
         let transaction = in_multi || watching;
@@ -220,6 +258,52 @@ impl Session {
         }
         self.detach_after_failure(lost.member);
         self.write_client(reply.repeat(n).as_bytes()).await
+    }
+
+    /// Tells the member's checker what the session saw; a lost connection waits for the
+    /// verdict (see [`AwaitingVerdict`]).
+    fn report(&mut self, member: MemberIdx, signal: Signal) {
+        let evidence = &self.ctx.members.get(member).evidence;
+        let verdicts = evidence.verdicts();
+        let ticket = evidence.report(signal);
+        if signal == Signal::ConnectionLost {
+            let wait = self.ctx.probe_timeout + VERDICT_SLACK;
+            self.verdict = Some(AwaitingVerdict {
+                member,
+                ticket,
+                verdicts,
+                until: Instant::now() + wait,
+            });
+        }
+    }
+
+    /// The checker answered: a healthy member closed the connection on purpose, and the
+    /// client is closed too; a member confirmed down is left as the route leaves it.
+    pub(super) fn on_verdict(&mut self, healthy: bool) -> Result<(), SessionError> {
+        let Some(awaited) = self.verdict.take() else {
+            return Ok(());
+        };
+        let id = self.ctx.members.get(awaited.member).id().to_string();
+        if healthy {
+            return Err(SessionError::ClosedByMember(id));
+        }
+        debug!(member = %id, "member confirmed down; the session follows the route");
+        Ok(())
+    }
+
+    /// The silence of the session's member passed `reply_timeout`: suspected, not failed.
+    /// The checker probes; if the member is down the route leaves it and the session answers
+    /// what is in flight at once; if not, the session keeps waiting for its (slow) reply.
+    pub(super) fn suspect_silence(&mut self) {
+        let Some(member) = self.upstream.as_ref().map(|u| u.member) else {
+            return;
+        };
+        debug!(
+            member = self.ctx.members.get(member).id(),
+            "no reply within reply_timeout; asking for a probe"
+        );
+        self.suspected_at = Some(Instant::now());
+        self.report(member, Signal::ReplyTimeout);
     }
 
     /// With nothing in flight, would the session still be tied to the lost connection?

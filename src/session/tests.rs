@@ -32,13 +32,15 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
         .build()
         .unwrap();
     let ticks = runtime.block_on(async {
-        let (members, _signals) = Members::new(&[], Instant::now());
+        let members = Members::new(&[], Instant::now());
         let ctx = Arc::new(Context {
             members,
             metrics: Metrics::new(prometheus::Registry::new()),
             reply_timeout: Duration::from_secs(5),
             unavailable_timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(1),
+            oom_refuses: false,
             retry_reads: false,
             client_idle_timeout: None,
             query_buffer_limit: 1 << 30,

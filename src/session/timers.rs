@@ -2,7 +2,9 @@
 //! - **reply timeout**: silence from the member while a reply is owed (time since it last
 //!   sent this session a byte, or since the first command of a burst went out whole), not
 //!   the length of a reply; blocking commands are exempt for as long as their own timeout
-//!   says, MONITOR and raw sessions always;
+//!   says, MONITOR and raw sessions always. It only *suspects* the member: the checker probes
+//!   it, and the session keeps waiting unless the route leaves the member;
+//! - **verdict**: how long to wait for the checker's word on a closed upstream;
 //! - **unavailable timeout**: commands waiting for a member get `-UNAVAILABLE` after it;
 //! - **move retry**: a failed connect to the route's member is tried again after a backoff;
 //! - **client idle timeout** (`proxy.client_idle_timeout`, Redis's `timeout`).
@@ -26,21 +28,25 @@ impl super::Session {
             let timed =
                 owed && !self.blocked_forever && !self.ledger.raw() && !self.ledger.monitoring();
             let reply = timed.then(|| {
-                let since = match self.blocked_until {
-                    Some(b) => b.max(self.last_activity),
-                    None => self.last_activity,
-                };
+                // Silence since the last progress, the end of a block, or the last report.
+                let since = [self.blocked_until, self.suspected_at]
+                    .into_iter()
+                    .flatten()
+                    .fold(self.last_activity, Instant::max);
                 since + self.ctx.reply_timeout
             });
             return earliest(reply, idle);
         }
-        let since = self.detached_since?;
+        let verdict = self.verdict.as_ref().map(|v| v.until);
+        let Some(since) = self.detached_since else {
+            return earliest(verdict, idle);
+        };
         let unavailable = self.stalled.then_some(since + self.ctx.unavailable_timeout);
         let retry = self
             .stalled
             .then_some(self.backoff.not_before.map(|(t, _)| t))
             .flatten();
-        earliest(earliest(unavailable, retry), idle)
+        earliest(earliest(unavailable, retry), earliest(idle, verdict))
     }
 
     /// When an idle client is closed (`proxy.client_idle_timeout`): never while it is
@@ -61,16 +67,16 @@ impl super::Session {
             tracing::debug!("client idle timeout");
             return Ok(true);
         }
+        if self.verdict.as_ref().is_some_and(|v| v.until <= now) {
+            // No verdict in time: the member is treated as failed, and the route decides.
+            tracing::debug!("no verdict on the closed upstream in time");
+            self.verdict = None;
+        }
         let reply_overdue = self.upstream.is_some()
             && self.ledger.in_flight() > 0
             && self.deadline().is_some_and(|d| d <= now);
         if reply_overdue {
-            let timeout = self.ctx.reply_timeout;
-            self.upstream_lost(
-                crate::member::Signal::ReplyTimeout,
-                &format!("no reply within {timeout:?}"),
-            )
-            .await?;
+            self.suspect_silence();
         }
         // Waiting commands are answered (or sent) by forward_requests on the next turn.
         Ok(false)

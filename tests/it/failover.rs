@@ -62,7 +62,9 @@ async fn failover_on_sigkill_keeps_the_client_connection() {
         Value::BulkString(b"v".to_vec())
     );
     assert_eq!(proxy.active_member().await.as_deref(), Some("eu-west"));
-    let reason = "geoproxy_switches_total{from=\"us-east\",reason=\"failover\",to=\"eu-west\"}";
+    // The session saw its connection close and the probe confirmed it: a passive failover.
+    let reason =
+        "geoproxy_switches_total{from=\"us-east\",reason=\"passive:connection_lost\",to=\"eu-west\"}";
     assert_eq!(proxy.metric(reason).await, 1.0);
     assert_eq!(
         proxy.metric("geoproxy_member_up{member=\"us-east\"}").await,
