@@ -47,8 +47,9 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for `health.timeout` (a check not answered within it has failed). It starts once
 /// the check's connection is open: connecting has its own `health.connect_timeout`.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
-/// Default for `health.connect_timeout`: TCP connect of a check's fresh connection. Over 1 s,
-/// so one SYN lost in a reconnect storm (retransmitted after 1 s) is not a failed check.
+/// Default for `health.connect_timeout`: the handshake of a check's fresh connection (TCP
+/// connect and AUTH). Over 1 s, so one SYN lost in a reconnect storm (retransmitted after
+/// 1 s) is not a failed check.
 pub const DEFAULT_CHECK_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default for `health.fast_interval`: after a failed check of a member that is still up,
 /// the next check comes this soon (HAProxy's `fastinter`), so `fall` failures take
@@ -166,9 +167,9 @@ pub struct MemberConfig {
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
     pub interval: Duration,
-    /// The PING exchange (and AUTH) of a check, once connected.
+    /// The PING of a check, once connected.
     pub timeout: Duration,
-    /// TCP connect of a check's connection.
+    /// The handshake of a check's fresh connection: TCP connect and AUTH.
     pub connect_timeout: Duration,
     /// Time to the next check after a failed one, while the member is still up.
     pub fast_interval: Duration,

@@ -1,11 +1,12 @@
 //! The PING check: the member answers RESP on a connection authenticated as configured.
 //!
-//! Two timeouts, each named in the error it gives: `connect_timeout` for the TCP connect of
-//! a fresh connection, `timeout` for the exchange (AUTH and PING) once connected. The
+//! Two timeouts, each named in the error it gives: `connect_timeout` for the handshake of a
+//! fresh connection (TCP connect and AUTH; TLS later), `timeout` for the PING on it. The
 //! connection is kept between checks and opened anew every `reconnect_interval` (host name
 //! resolved again, and proof the member still accepts connections); any failure or timeout
 //! drops it, so a late reply to an abandoned check is never read as the next one's answer.
 
+use std::io::ErrorKind;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -44,13 +45,16 @@ impl PingCheck {
     }
 
     /// One periodic check, on the kept connection (opened anew when it is old).
+    /// A kept connection the member closed meanwhile (its `timeout`, a `CLIENT KILL`) is
+    /// no evidence against the member: the check opens a fresh one.
     pub async fn run(&mut self, member: &MemberConfig) -> Result<(), String> {
-        if self
-            .conn
-            .as_ref()
-            .is_some_and(|(_, opened)| opened.elapsed() >= self.reconnect_interval)
-        {
-            self.reset();
+        if let Some((conn, opened)) = &self.conn {
+            let mut byte = [0u8; 1];
+            let idle =
+                matches!(conn.try_read(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock);
+            if !idle || opened.elapsed() >= self.reconnect_interval {
+                self.reset();
+            }
         }
         let result = self.check(member).await;
         if result.is_err() {
@@ -97,23 +101,22 @@ impl PingCheck {
     }
 
     async fn check(&mut self, member: &MemberConfig) -> Result<(), String> {
-        let fresh = self.conn.is_none();
-        if fresh {
-            let stream = match timeout(self.connect_timeout, connect(&member.address)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(e.to_string()),
+        if self.conn.is_none() {
+            let limit = self.connect_timeout;
+            match timeout(limit, self.open(member)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(format!(
-                        "connect timeout: no connection to {} within {:?} \
-                         (health.connect_timeout)",
-                        member.address, self.connect_timeout
+                        "connect timeout: no connection to {} (TCP connect and AUTH) within \
+                         {limit:?} (health.connect_timeout)",
+                        member.address
                     ))
                 }
-            };
-            self.conn = Some((stream, Instant::now()));
+            }
         }
         let limit = self.timeout;
-        match timeout(limit, self.handshake_and_ping(member, fresh)).await {
+        match timeout(limit, self.ping()).await {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "check timeout: no PING reply within {limit:?} (health.timeout)"
@@ -121,28 +124,31 @@ impl PingCheck {
         }
     }
 
-    async fn handshake_and_ping(
-        &mut self,
-        member: &MemberConfig,
-        fresh: bool,
-    ) -> Result<(), String> {
-        let Some((conn, _)) = self.conn.as_mut() else {
-            return Err("no connection".into());
-        };
-        if let (true, Some(password)) = (fresh, &member.password) {
+    /// Connects and authenticates: the handshake, timed by `connect_timeout`.
+    async fn open(&mut self, member: &MemberConfig) -> Result<(), String> {
+        let mut conn = connect(&member.address).await.map_err(|e| e.to_string())?;
+        if let Some(password) = &member.password {
             let mut args = vec![b"AUTH".to_vec()];
             args.extend(member.username.iter().map(|u| u.as_bytes().to_vec()));
             args.push(password.expose().as_bytes().to_vec());
             let mut auth = Vec::new();
             encode_command(&args, &mut auth);
             conn.write_all(&auth).await.map_err(|e| e.to_string())?;
-            let reply = read_reply(conn, &mut self.buf)
+            let reply = read_reply(&mut conn, &mut self.buf)
                 .await
                 .map_err(|e| e.to_string())?;
             if reply.first() != Some(&b'+') {
                 return Err(format!("AUTH failed: {}", error_line(&reply)));
             }
         }
+        self.conn = Some((conn, Instant::now()));
+        Ok(())
+    }
+
+    async fn ping(&mut self) -> Result<(), String> {
+        let Some((conn, _)) = self.conn.as_mut() else {
+            return Err("no connection".into());
+        };
         conn.write_all(PING).await.map_err(|e| e.to_string())?;
         let reply = read_reply(conn, &mut self.buf)
             .await

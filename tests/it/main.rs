@@ -3,6 +3,7 @@
 
 mod binary;
 mod commands;
+mod decisions;
 mod differential;
 mod failover;
 mod limits;

@@ -17,7 +17,8 @@ use tokio::time::{sleep_until, Instant};
 pub enum Fault {
     /// Plain forwarding both ways.
     None,
-    /// Every chunk read in either direction is delivered this much later, in order.
+    /// Every chunk read in either direction is delivered this much later, in order; a new
+    /// connection reaches the target this much later (a far region's handshake).
     Latency(Duration),
     /// Nothing flows; sockets stay open. New connections are accepted and held
     /// without ever reaching the target. Connections that saw a black hole stay
@@ -96,6 +97,9 @@ async fn serve(mut inbound: TcpStream, target: String, mut fault: watch::Receive
         Fault::Reset => return reset(&inbound),
         Fault::BlackHole => return hold(&[&inbound], fault).await,
         Fault::None | Fault::Latency(_) => {}
+    }
+    if let Fault::Latency(d) = current {
+        tokio::time::sleep(d).await;
     }
     let Ok(mut outbound) = TcpStream::connect(&target).await else {
         return reset(&inbound);
