@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::MemberConfig;
@@ -19,6 +19,12 @@ use crate::resp::table::CommandTable;
 
 /// The command table used until a member's own is known.
 static BUILTIN_COMMANDS: LazyLock<CommandTable> = LazyLock::new(CommandTable::builtin);
+
+/// Most connections the proxy opens to one member at once (all workers together): half of
+/// Redis's default `tcp-backlog` (511), so a reconnect storm (thousands of sessions moving at
+/// a failover, an application restarting its pools) never overflows the member's listen
+/// queue, where a dropped SYN costs a client a 1 s retransmit.
+const CONNECTS_IN_FLIGHT: usize = 256;
 
 /// Index of a member in preference order (0 = most preferred).
 pub type MemberIdx = usize;
@@ -98,6 +104,8 @@ pub struct Member {
     refusals: AtomicU64,
     /// The member's own `COMMAND` table, once its checker fetched it.
     commands: OnceLock<CommandTable>,
+    /// Sessions' connection attempts in flight to this member.
+    pub connects: Semaphore,
 }
 
 impl Member {
@@ -186,6 +194,7 @@ impl Members {
                 evidence: Evidence::default(),
                 refusals: AtomicU64::new(0),
                 commands: OnceLock::new(),
+                connects: Semaphore::new(CONNECTS_IN_FLIGHT),
             })
             .collect();
         Arc::new(Members {

@@ -57,6 +57,9 @@ pub async fn open(
     timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let address = &member.config.address;
+    // Queued here, not in the member's listen backlog (the wait is the proxy's, so it is not
+    // counted against the member's connect timeout).
+    let _permit = member.connects.acquire().await;
     let ready = async {
         let mut stream = connect(address).await?;
         let (mut commands, replies) = state.replay_commands();
