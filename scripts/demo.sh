@@ -258,8 +258,10 @@ Watch a failover:
   2. Kill the preferred member:
        kill -9 $east_pid
      The writes continue on eu-west; the log below shows "member down" and a switch with
-     reason failover. (kill -STOP $east_pid instead plays a hung member: it is detected
-     by the health check timeout and proxy.reply_timeout; kill -CONT $east_pid resumes it.)
+     reason passive:connection_lost (sessions saw their connections close; a probe on a
+     fresh connection confirmed it). (kill -STOP $east_pid instead plays a hung member: it
+     is detected by proxy.reply_timeout and a probe, or by the checks; kill -CONT $east_pid
+     resumes it.) To return by hand: curl -s -XPOST localhost:$ADMIN_PORT/v1/switchover -d '{"to":"us-east"}'
      The two redis-servers here do not replicate to each other (they are not an
      Active-Active database), so demo:counter starts again from 1 on eu-west.
   3. Restart us-east (it daemonizes; this script stops it on exit):

@@ -153,12 +153,14 @@ impl Session {
                     member.evidence.report(Signal::ConnectFailed);
                 }
                 debug!(member = member.id(), error = %e, "cannot open upstream");
+                // Try again after the backoff, while the route says so: if the member is
+                // down, the probe the report asked for moves the route; if it is healthy
+                // (a reconnect storm), the next attempt gets through. A session with an
+                // upstream keeps it meanwhile.
                 self.backoff.failed(Instant::now(), route.epoch);
                 if self.upstream.is_none() {
-                    self.failed = Some((target, route.epoch));
                     self.detach();
                 }
-                // Else keep the old upstream and try again after the backoff.
             }
         }
         Ok(())

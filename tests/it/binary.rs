@@ -164,6 +164,7 @@ fn a_port_in_use_fails_before_serving() {
 pub struct Binary {
     child: std::process::Child,
     pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
     _config: tempfile::NamedTempFile,
 }
 
@@ -174,13 +175,17 @@ impl Binary {
 
     /// With more `[proxy]` keys (TOML lines).
     pub async fn start_with(member: &RedisServer, extra_proxy: &'static str) -> Binary {
-        let (port, admin) = (free_port(), free_port());
         // threads = 0: one worker per core, the binary's default.
         let options = Options {
             threads: 0,
             extra_proxy,
             ..Options::default()
         };
+        Binary::start_options(member, options).await
+    }
+
+    pub async fn start_options(member: &RedisServer, options: Options) -> Binary {
+        let (port, admin) = (free_port(), free_port());
         let text = config_toml(&[("local", member.addr())], &options)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
@@ -215,6 +220,7 @@ impl Binary {
         Binary {
             child,
             addr,
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
             _config: config,
         }
     }

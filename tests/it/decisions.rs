@@ -442,3 +442,87 @@ async fn cannot_serve_errors_trip_the_error_window_and_application_errors_never_
     let _: () = redis::cmd("SCRIPT").arg("KILL").query(&mut kill).unwrap();
     script.join().unwrap();
 }
+
+/// Raises this process's open-file limit to its hard limit (children inherit it), and
+/// checks it is at least `need`.
+fn raise_fd_limit(need: u64) {
+    let pid = std::process::id().to_string();
+    let hard = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid,
+            "--nofile",
+            "--output",
+            "HARD",
+            "--noheadings",
+        ])
+        .output()
+        .expect("prlimit (util-linux) is installed");
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_string();
+    let hard: u64 = if hard == "unlimited" {
+        1 << 20
+    } else {
+        hard.parse().expect("a number")
+    };
+    assert!(
+        hard >= need,
+        "this test needs {need} open files; the hard limit is {hard}"
+    );
+    let set = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={hard}:{hard}")])
+        .status()
+        .expect("prlimit runs");
+    assert!(set.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_thousand_clients_connecting_at_once_are_all_served_with_no_switch() {
+    const CLIENTS: usize = 8000;
+    // geoproxy holds two sockets per client, Redis one, this test one.
+    raise_fd_limit(2 * CLIENTS as u64 + 1000);
+    let member = RedisServer::start();
+    let options = Options {
+        threads: 0,
+        max_clients: 10_000,
+        // geoproxy's defaults for what decides.
+        interval: "1s",
+        check_timeout: "500ms",
+        reply_timeout: "1s",
+        unavailable_timeout: "2s",
+        connect_timeout: "1s",
+        ..Options::default()
+    };
+    let proxy = crate::binary::Binary::start_options(&member, options).await;
+    let addr = proxy.addr;
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        clients.spawn(async move {
+            let mut raw = Raw(tokio::net::TcpStream::connect(addr).await?);
+            raw.send(b"PING\r\n").await;
+            let reply = raw.read_exact_len(7).await;
+            Ok::<_, std::io::Error>((reply, raw))
+        });
+    }
+    let mut open = Vec::with_capacity(CLIENTS);
+    let mut failed = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        match done.expect("client task") {
+            Ok((reply, raw)) if reply == b"+PONG\r\n" => open.push(raw),
+            Ok((reply, _)) => failed.push(String::from_utf8_lossy(&reply).into_owned()),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let status: serde_json::Value = reqwest::get(format!("http://{}/v1/status", proxy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["epoch"], 1, "no switch: {status}");
+}
