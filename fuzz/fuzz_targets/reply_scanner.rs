@@ -10,7 +10,8 @@
 //!     `*-1`) is run frame after frame from the start; wherever it completes a frame the
 //!     scanner must report one ending at the same offset (top-level attributes, which the
 //!     scanner reports on their own, set aside), of the same kind, with the same null flag and
-//!     message/subscription flags, `is_status` of a simple string's text, and which elements
+//!     message/subscription flags, `is_status` of a simple string's text, the first 8 bytes of an
+//!     error line (`error_head`), and which elements
 //!     of an array or push are errors (`element_failed`); wherever it says "incomplete" the scanner must not have
 //!     completed a frame there or failed. The comparison stops at the first point where the
 //!     scanner differs on purpose (see `cut` below and README.md).
@@ -268,7 +269,9 @@ fn oracle(buf: &[u8]) -> Oracle {
                 _ => None,
             };
             let line = match &f {
-                F3::SimpleString { data: (s, e), .. } => Some(*s..*e),
+                F3::SimpleString { data: (s, e), .. } | F3::SimpleError { data: (s, e), .. } => {
+                    Some(*s..*e)
+                }
                 _ => None,
             };
             let failed = match &f {
@@ -304,7 +307,7 @@ fn oracle(buf: &[u8]) -> Oracle {
                         _ => None,
                     };
                     let line = match &f {
-                        F2::SimpleString((s, e)) => Some(*s..*e),
+                        F2::SimpleString((s, e)) | F2::Error((s, e)) => Some(*s..*e),
                         _ => None,
                     };
                     let failed = match &f {
@@ -377,9 +380,15 @@ fn compare_with_oracle(data: &[u8], run: &Run, replies: &[Reply], cut_at: usize,
                 if !head_unknown {
                     assert_eq!((s.message, s.subscription), want, "frame #{k} at {pos}..{end}: message/subscription flags");
                 }
-                if let Some(l) = line {
+                let r = replies[k];
+                // An error line's first bytes: what the error window reads (`-LOADING ...`).
+                let error_head = match (s.kind, &line) {
+                    (b'-', Some(l)) => &data[pos + l.start..pos + l.end.min(l.start + 8)],
+                    _ => &b""[..],
+                };
+                assert_eq!(r.error_head(), error_head, "frame #{k}: error_head");
+                if let (b'+', Some(l)) = (s.kind, line) {
                     let text = &data[pos + l.start..pos + l.end];
-                    let r = replies[k];
                     assert_eq!(r.is_status(text), text.len() < 8, "frame #{k}: is_status of its own text");
                     for t in [&b"OK"[..], b"QUEUED", b""] {
                         assert_eq!(r.is_status(t), text == t, "frame #{k}: is_status({t:?})");
