@@ -38,6 +38,8 @@ impl UpstreamError {
     }
 }
 
+const ADMISSION_PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+
 /// A session's connection to one member.
 #[derive(Debug)]
 pub struct Upstream {
@@ -58,7 +60,9 @@ pub async fn open(
 ) -> Result<Upstream, UpstreamError> {
     let address = &member.config.address;
     // Queued here, not in the member's listen backlog (the wait is the proxy's, so it is not
-    // counted against the member's connect timeout).
+    // counted against the member's connect timeout). The permit is held until the member
+    // answered on the new connection: a connection it has not accepted yet still fills its
+    // backlog.
     let _permit = member.connects.acquire().await;
     let ready = async {
         let mut stream = connect(address).await?;
@@ -67,7 +71,12 @@ pub async fn open(
         commands.extend_from_slice(&subscribe);
         let mut buf = BytesMut::new();
         let mut early = BytesMut::new();
-        if !commands.is_empty() {
+        if commands.is_empty() {
+            // Nothing to replay: a PING proves the member took the connection (any reply
+            // does, `-NOAUTH` included; it is not the client's).
+            stream.write_all(ADMISSION_PING).await?;
+            read_reply(&mut stream, &mut buf).await?;
+        } else {
             stream.write_all(&commands).await?;
             for _ in 0..replies {
                 let reply = read_reply(&mut stream, &mut buf).await?;

@@ -111,7 +111,6 @@ impl Checker {
                 Err(e) => (false, e),
             }
         };
-        member.evidence.decide(covers, healthy);
         for signal in Signal::ALL {
             let n = counts[signal.index()];
             if n > 0 {
@@ -124,17 +123,19 @@ impl Checker {
                 member = member.id(),
                 "passive signal dismissed: the member answers"
             );
-            return;
+        } else {
+            // The kind reported most names the cause.
+            let kind = Signal::ALL
+                .into_iter()
+                .max_by_key(|s| counts[s.index()])
+                .unwrap_or(Signal::ConnectionLost);
+            if let Some(flip) = health.force_down() {
+                let why = format!("{kind}, confirmed: {why}");
+                self.publish(flip, Some(Cause::Passive(kind)), &why);
+            }
         }
-        // The kind reported most names the cause.
-        let kind = Signal::ALL
-            .into_iter()
-            .max_by_key(|s| counts[s.index()])
-            .unwrap_or(Signal::ConnectionLost);
-        if let Some(flip) = health.force_down() {
-            let why = format!("{kind}, confirmed: {why}");
-            self.publish(flip, Some(Cause::Passive(kind)), &why);
-        }
+        // After the flip is published: a session told "down" finds the member down too.
+        member.evidence.decide(covers, healthy);
     }
 
     fn record(&self, member: &Member, started: Instant, result: &Result<(), String>) {

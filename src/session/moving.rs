@@ -104,10 +104,12 @@ impl Session {
             }
         }
         let now = Instant::now();
-        if !self.backoff.ready(now, route.epoch) {
+        let member = self.ctx.members.get(target);
+        if !self.backoff.ready(now, route.epoch) || !member.is_up() {
+            // A member found down a moment ago is still the route until the router
+            // publishes the next one: wait for it.
             return Ok(());
         }
-        let member = self.ctx.members.get(target);
         let opened = upstream::open(
             member,
             target,

@@ -512,17 +512,17 @@ async fn eight_thousand_clients_connecting_at_once_are_all_served_with_no_switch
             Err(e) => failed.push(e.to_string()),
         }
     }
-    assert!(
-        failed.is_empty(),
-        "{} of {CLIENTS} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
     let status: serde_json::Value = reqwest::get(format!("http://{}/v1/status", proxy.admin))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} failed: {:?}; {status}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     assert_eq!(status["epoch"], 1, "no switch: {status}");
 }
