@@ -526,3 +526,46 @@ async fn eight_thousand_clients_connecting_at_once_are_all_served_with_no_switch
     );
     assert_eq!(status["epoch"], 1, "no switch: {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_reopen_their_connection_and_name_the_timeout_that_expired() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let relay = FaultRelay::start(&west.addr()).await;
+    let options = Options {
+        interval: "100ms",
+        extra_health: "reconnect_interval = \"300ms\"",
+        ..Options::default()
+    };
+    let members = [("us-east", east.addr()), ("eu-west", relay.addr())];
+    let proxy = Proxy::start(&members, options).await;
+    // The check connection is opened anew every 300 ms: new connections keep arriving.
+    let accepted = || {
+        east.info_field("stats", "total_connections_received")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = accepted();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let opened = accepted() - before;
+    assert!(
+        (3..=10).contains(&opened),
+        "{opened} check connections in 1.5 s"
+    );
+
+    // A member that takes connections and never answers: the error names health.timeout.
+    relay.set(Fault::BlackHole);
+    eventually(Duration::from_secs(5), "eu-west is down", || async {
+        proxy.status().await["members"][1]["state"] == "down"
+    })
+    .await;
+    let status = proxy.status().await;
+    let error = status["members"][1]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("check timeout: no PING reply within 200ms (health.timeout)"),
+        "{status}"
+    );
+    assert_eq!(status["members"][1]["cause"], "check:ping", "{status}");
+}
