@@ -153,8 +153,8 @@ impl Router {
         self.active
     }
 
-    /// A member's current hold (for `/v1/status`).
-    pub fn hold(&self, member: MemberIdx) -> Duration {
+    #[cfg(test)]
+    fn hold(&self, member: MemberIdx) -> Duration {
         self.members[member].hold
     }
 

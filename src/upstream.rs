@@ -38,7 +38,8 @@ impl UpstreamError {
     }
 }
 
-const ADMISSION_PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+/// `PING`, as the health checks and the admission of a new connection send it.
+pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// A session's connection to one member.
 #[derive(Debug)]
@@ -74,7 +75,7 @@ pub async fn open(
         if commands.is_empty() {
             // Nothing to replay: a PING proves the member took the connection (any reply
             // does, `-NOAUTH` included; it is not the client's).
-            stream.write_all(ADMISSION_PING).await?;
+            stream.write_all(PING).await?;
             read_reply(&mut stream, &mut buf).await?;
         } else {
             stream.write_all(&commands).await?;

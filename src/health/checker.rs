@@ -9,6 +9,7 @@
 //! It feeds [`Health`] and publishes flips.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::{sleep_until, Instant};
@@ -160,6 +161,6 @@ impl Checker {
 }
 
 /// `interval` ± 10 %, so the checks of many proxies do not arrive in step.
-fn jittered(interval: std::time::Duration) -> std::time::Duration {
+fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(rand::rng().random_range(0.9..1.1))
 }

@@ -17,9 +17,8 @@ use tokio::time::{timeout, Instant};
 use crate::config::{HealthConfig, MemberConfig};
 use crate::resp::request::encode_command;
 use crate::resp::table::CommandTable;
-use crate::upstream::{connect, error_line, read_reply};
+use crate::upstream::{connect, error_line, read_reply, PING};
 
-const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 const COMMAND: &[u8] = b"*1\r\n$7\r\nCOMMAND\r\n";
 
 /// How long fetching a member's `COMMAND` table may take (a few hundred KB).

@@ -743,7 +743,7 @@ impl MemberWrite<'_> {
                     if let Some(r) = route.as_deref_mut() {
                         *self.route_seen = *r.borrow_and_update();
                     }
-                    if self.route_seen.member != Some(self.idx) && !member.is_up() {
+                    if moving::left_down(&self.ctx.members, *self.route_seen, self.idx) {
                         return Err((Signal::MemberDown, "the route left it".into()));
                     }
                 }

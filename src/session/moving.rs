@@ -22,9 +22,10 @@ use tracing::{debug, info, warn};
 
 use super::{Session, SessionError, Streaming};
 use crate::health::evidence::{Ticket, Verdict};
-use crate::member::{MemberIdx, Signal};
+use crate::member::{MemberIdx, Members, Signal};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::RequestScanner;
+use crate::router::Route;
 use crate::upstream;
 
 /// RESP3 push telling a tracking client to flush its whole cache.
@@ -41,6 +42,12 @@ pub(super) struct AwaitingVerdict {
     verdicts: watch::Receiver<Verdict>,
     /// No verdict by then: the member is treated as failed (the route decides).
     pub until: Instant,
+}
+
+/// Has the route left `member` because it is down? Then what is in flight there will not
+/// be answered, and nobody waits for its reply timeout.
+pub(super) fn left_down(members: &Members, route: Route, member: MemberIdx) -> bool {
+    route.member != Some(member) && !members.get(member).is_up()
 }
 
 impl AwaitingVerdict {
@@ -77,8 +84,7 @@ impl Session {
         if let Some(old) = self.upstream.as_ref().map(|u| u.member) {
             // The route left a member that is down: what is in flight there will not be
             // answered, so the session does not wait for its reply timeout to leave.
-            let left_down = route.member != Some(old) && !self.ctx.members.get(old).is_up();
-            if left_down && !self.quiescent() && !self.client_eof {
+            if left_down(&self.ctx.members, route, old) && !self.quiescent() && !self.client_eof {
                 self.upstream_lost(Signal::MemberDown, "the route left it")
                     .await?;
             }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
-use tokio::io::AsyncReadExt;
 
 use crate::support::eventually;
 use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
@@ -34,14 +33,12 @@ async fn time_to_good_reply(c: &mut MultiplexedConnection, key: &str) -> (Durati
     }
 }
 
-/// Reads until the proxy closes the connection; panics if it stays open for 5 s.
-async fn read_until_closed(raw: &mut Raw) -> Vec<u8> {
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), raw.0.read_to_end(&mut out))
-        .await
-        .expect("the connection is closed within 5 s")
-        .expect("read");
-    out
+/// Two members, us-east preferred, and a proxy in front of them with `options`.
+async fn two_members(options: Options) -> (RedisServer, RedisServer, Proxy) {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    (east, west, proxy)
 }
 
 /// The id of the client named `name` on `member` (from `CLIENT LIST`).
@@ -64,13 +61,11 @@ fn client_id(member: &RedisServer, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_member_is_left_through_the_passive_path_within_a_second() {
-    let mut east = RedisServer::start();
-    let west = RedisServer::start();
     let options = Options {
         interval: RARE_CHECKS,
         ..Options::default()
     };
-    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let (mut east, west, proxy) = two_members(options).await;
     let mut c = proxy.connect().await;
     let _: () = c.set("before", "1").await.unwrap();
 
@@ -102,13 +97,11 @@ async fn a_killed_member_is_left_through_the_passive_path_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_kill_of_one_upstream_closes_that_client_and_switches_nothing() {
-    let east = RedisServer::start();
-    let west = RedisServer::start();
     let options = Options {
         interval: RARE_CHECKS,
         ..Options::default()
     };
-    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let (east, _west, proxy) = two_members(options).await;
     let mut others = proxy.connect().await;
     let _: () = others.set("k", "1").await.unwrap();
 
@@ -118,14 +111,14 @@ async fn client_kill_of_one_upstream_closes_that_client_and_switches_nothing() {
         .roundtrip(b"CLIENT SETNAME direct\r\n", b"+OK\r\n")
         .await;
     east.query(&["CLIENT", "KILL", "ID", &client_id(&east, "direct")]);
-    let expected = read_until_closed(&mut direct).await;
+    let expected = direct.read_to_close().await;
     assert_eq!(expected, b"");
 
     // Through geoproxy, idle: the same.
     let mut idle = Raw::connect(proxy.addr).await;
     idle.roundtrip(b"CLIENT SETNAME idle\r\n", b"+OK\r\n").await;
     east.query(&["CLIENT", "KILL", "ID", &client_id(&east, "idle")]);
-    assert_eq!(read_until_closed(&mut idle).await, expected);
+    assert_eq!(idle.read_to_close().await, expected);
 
     // Blocked (a command in flight): its outcome-unknown error, then the close.
     let mut blocked = Raw::connect(proxy.addr).await;
@@ -135,7 +128,7 @@ async fn client_kill_of_one_upstream_closes_that_client_and_switches_nothing() {
     blocked.send(b"BLPOP queue 0\r\n").await;
     crate::support::wait_blocked(&east, 1).await;
     east.query(&["CLIENT", "KILL", "ID", &client_id(&east, "blocked")]);
-    let got = String::from_utf8(read_until_closed(&mut blocked).await).unwrap();
+    let got = String::from_utf8(blocked.read_to_close().await).unwrap();
     assert_eq!(
         got,
         "-OUTCOMEUNKNOWN geoproxy: member us-east failed before replying (connection lost); \
@@ -176,8 +169,8 @@ async fn a_members_idle_timeout_closes_clients_as_redis_does_and_switches_nothin
     });
 
     // Both idle clients are closed by the member's `timeout`; the busy one is not.
-    let expected = read_until_closed(&mut direct).await;
-    assert_eq!(read_until_closed(&mut through).await, expected);
+    let expected = direct.read_to_close().await;
+    assert_eq!(through.read_to_close().await, expected);
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut busy_task)
             .await
@@ -190,8 +183,6 @@ async fn a_members_idle_timeout_closes_clients_as_redis_does_and_switches_nothin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_command_past_reply_timeout_is_suspected_not_failed() {
-    let east = RedisServer::start();
-    let west = RedisServer::start();
     // The silence passes reply_timeout; the probe (with time enough) finds the member alive.
     let options = Options {
         interval: RARE_CHECKS,
@@ -199,7 +190,7 @@ async fn a_slow_command_past_reply_timeout_is_suspected_not_failed() {
         check_timeout: "3s",
         ..Options::default()
     };
-    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let (_east, _west, proxy) = two_members(options).await;
     let mut raw = Raw::connect(proxy.addr).await;
     let started = Instant::now();
     raw.roundtrip(b"DEBUG SLEEP 1.2\r\nPING\r\n", b"+OK\r\n+PONG\r\n")
@@ -247,8 +238,6 @@ async fn a_far_member_comes_up_and_gets_the_first_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_member_is_left_in_under_2_5_s_with_default_timeouts() {
-    let east = RedisServer::start();
-    let west = RedisServer::start();
     // geoproxy's defaults for everything that decides.
     let options = Options {
         interval: "1s",
@@ -257,7 +246,7 @@ async fn a_hung_member_is_left_in_under_2_5_s_with_default_timeouts() {
         unavailable_timeout: "2s",
         ..Options::default()
     };
-    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let (east, west, proxy) = two_members(options).await;
     let mut c = proxy.connect().await;
     let _: () = c.set("k", "1").await.unwrap();
     east.stop();
@@ -306,14 +295,12 @@ async fn a_flapping_member_is_held_longer_each_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_returns_a_manual_failback_proxy_to_its_preferred_member() {
-    let mut east = RedisServer::start();
-    let mut west = RedisServer::start();
     let options = Options {
         failback: "manual",
         extra_admin: "token = \"s3cret\"",
         ..Options::default()
     };
-    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let (mut east, mut west, proxy) = two_members(options).await;
     let mut c = proxy.connect().await;
     east.kill();
     time_to_good_reply(&mut c, "k").await;
@@ -391,15 +378,13 @@ async fn switchover_returns_a_manual_failback_proxy_to_its_preferred_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cannot_serve_errors_trip_the_error_window_and_application_errors_never_do() {
-    let east = RedisServer::start();
-    let west = RedisServer::start();
     let options = Options {
         interval: RARE_CHECKS,
         reply_timeout: "10s",
         extra_health: "error_window = \"1s\"\nerror_min_count = 10\nerror_rate = 0.5",
         ..Options::default()
     };
-    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let (east, west, proxy) = two_members(options).await;
     let mut c = proxy.connect().await;
 
     // The application's own errors, all of its replies for a while: nothing happens.

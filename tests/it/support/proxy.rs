@@ -341,10 +341,17 @@ impl Raw {
         );
     }
 
-    /// Reads whatever arrives until the peer closes (or 5 s).
+    /// Reads whatever arrives until the peer closes (FIN, or RST when it closed with input
+    /// unread); panics if it is still open after 5 s: a test of a close must not pass on a
+    /// connection that stayed open.
     pub async fn read_to_close(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.0.read_to_end(&mut out)).await;
+        let read = tokio::time::timeout(Duration::from_secs(5), self.0.read_to_end(&mut out))
+            .await
+            .expect("the connection is closed within 5 s");
+        if let Err(e) = read {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "read: {e}");
+        }
         out
     }
 }
