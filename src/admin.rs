@@ -18,13 +18,18 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Failback, Mode, Secret};
 use crate::health;
+use crate::health::replication::{Matrix, MatrixView};
+use crate::health::verdict::CheckStatus;
 use crate::member::Members;
 use crate::metrics::Metrics;
-use crate::router::{History, Route, SwitchRecord, SwitchoverError, SwitchoverRequest};
+use crate::router::{
+    Gate, GateCell, History, Route, SwitchRecord, SwitchoverError, SwitchoverRequest,
+};
 
 /// What the admin handlers read.
 pub struct AdminState {
@@ -41,6 +46,10 @@ pub struct AdminState {
     /// A switchover is being decided: another one gets 409.
     pub switching: AtomicBool,
     pub history: Arc<History>,
+    /// The failback gate, as the router last saw it.
+    pub gate: Arc<GateCell>,
+    /// The replication check's lag matrix, when it is on.
+    pub matrix: Option<Arc<Matrix>>,
 }
 
 /// Serves the admin API on `listener` until `shutdown`.
@@ -103,6 +112,20 @@ struct Status {
     members: Vec<MemberStatus>,
     /// The last switches, oldest first, each with its time and reason.
     switches: Vec<SwitchRecord>,
+    /// Why traffic does not return to a more preferred member that is up (absent: it
+    /// does, or there is none).
+    failback_gate: Option<GateStatus>,
+    /// The replication check's lag matrix (absent when the check is off).
+    replication: Option<MatrixView>,
+}
+
+#[derive(Serialize)]
+struct GateStatus {
+    member: String,
+    /// `hold` (its `failback_after`, longer after a flap) or `sync` (its sync checks).
+    reason: &'static str,
+    /// In words: "replication from eu-west: 4.2 s behind (tolerance 2s)".
+    why: String,
 }
 
 #[derive(Serialize)]
@@ -120,6 +143,12 @@ struct MemberStatus {
     last_check_seconds: Option<f64>,
     /// Commands in the member's own `COMMAND` table; 0 until it is fetched.
     commands: usize,
+    /// Every sync check passes (true when none is configured).
+    synced: bool,
+    /// Why not, while it is not.
+    unsynced_because: Option<String>,
+    /// Each check's verdict: name, kind, role, state, last error and duration.
+    checks: Vec<CheckStatus>,
 }
 
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
@@ -142,9 +171,30 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
                 last_error: st.last_error,
                 last_check_seconds: st.last_check_seconds,
                 commands: m.command_table().len,
+                synced: st.synced,
+                unsynced_because: st.unsynced_because,
+                checks: st.checks,
             }
         })
         .collect();
+    let gate = *s.gate.lock().unwrap_or_else(|e| e.into_inner());
+    let failback_gate = gate.map(|(i, gate)| {
+        let member = s.members.get(i);
+        let why = match gate {
+            Gate::Hold { until } => format!(
+                "up for less than its hold: {:.1} s more",
+                until
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+            ),
+            Gate::Sync => member.status().unsynced_because.unwrap_or_default(),
+        };
+        GateStatus {
+            member: member.id().to_string(),
+            reason: gate.label(),
+            why,
+        }
+    });
     Json(Status {
         mode: s.mode,
         failback: s.failback,
@@ -153,6 +203,8 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         active_member: route.member.map(|i| s.members.get(i).id().to_string()),
         members,
         switches: s.history.list(),
+        failback_gate,
+        replication: s.matrix.as_ref().map(|m| m.view()),
     })
 }
 

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::health::verdict::{Policy, Role};
+
 /// Longest duration any key accepts: deadlines are instants, which a duration of years
 /// could overflow.
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -67,6 +69,16 @@ pub const DEFAULT_ERROR_RATE: f64 = 0.5;
 /// Default for `failover.flap_hold_max`: a member that fails again soon after traffic
 /// returned to it waits twice as long before the next failback, up to this.
 pub const DEFAULT_FLAP_HOLD_MAX: Duration = Duration::from_secs(600);
+/// Default for `health.keyspace.ttl`: check keys vanish by themselves.
+pub const DEFAULT_KEYSPACE_TTL: Duration = Duration::from_secs(10);
+/// Default for `health.availability.lag_tolerance`: Redis Software's own default.
+pub const DEFAULT_LAG_TOLERANCE: Duration = Duration::from_millis(100);
+/// Default for `health.replication.tolerance`: a token that takes longer to reach a member
+/// means the pair is not syncing.
+pub const DEFAULT_REPLICATION_TOLERANCE: Duration = Duration::from_secs(2);
+/// Default for `health.availability.timeout` and `health.custom.timeout`: an HTTPS request or
+/// a program takes longer than a PING.
+pub const DEFAULT_SLOW_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default for `health.rise` and `health.fall` (consecutive results that flip a member).
 pub const DEFAULT_RISE_FALL: u32 = 2;
 /// Default for `failover.failback_after`: a recovered preferred member must stay healthy this
@@ -162,10 +174,22 @@ pub struct MemberConfig {
     /// Credentials the health checks use (sessions replay their clients' own AUTH).
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// The member's Redis Software REST API (`https://host:9443`), for `[health.availability]`.
+    pub api: Option<String>,
+    /// The database's uid in that cluster.
+    pub bdb: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
+    /// How a member's health checks combine.
+    pub policy: Policy,
+    /// The PING check (always on): the keys of `[health]` and `[health.ping]`.
+    pub ping: PingConfig,
+    pub keyspace: Option<KeyspaceConfig>,
+    pub availability: Option<AvailabilityConfig>,
+    pub replication: Option<ReplicationConfig>,
+    pub custom: Vec<CustomConfig>,
     pub interval: Duration,
     /// The PING of a check, once connected.
     pub timeout: Duration,
@@ -178,6 +202,92 @@ pub struct HealthConfig {
     pub rise: u32,
     pub fall: u32,
     pub errors: ErrorWindowConfig,
+}
+
+/// When and how often one check runs, and what its result decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug)]
+pub struct PingConfig {
+    /// `ECHO <random token>` instead of `PING` (the reply must be the token).
+    pub echo: bool,
+    pub timing: Timing,
+}
+
+/// `SET <key> <token> PX <ttl>` then `GET`, on one key per shard.
+#[derive(Clone, Debug)]
+pub struct KeyspaceConfig {
+    /// Shards of the database: its 16384 slots split evenly, as Redis Software does.
+    pub shards: u16,
+    /// How long a check key lives (`PX`).
+    pub ttl: Duration,
+    pub timing: Timing,
+}
+
+/// Which Redis Software availability request to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiEndpoint {
+    /// `GET /v1/local/bdbs/UID/endpoint/availability`: the member's node-local endpoint.
+    Local,
+    /// `GET /v1/bdbs/UID/availability`: the database as a whole.
+    Database,
+}
+
+/// The Redis Software REST API of each member (`members[].api` and `members[].bdb`).
+#[derive(Clone, Debug)]
+pub struct AvailabilityConfig {
+    pub endpoint: ApiEndpoint,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// PEM certificates trusted for the API (a cluster's own CA).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Verify the API's certificate (off for self-signed clusters; logged as a warning).
+    pub verify_tls: bool,
+    pub timing: Timing,
+    /// The lag-aware request (`extend_check=lag`), a sync check by default.
+    pub lag: Option<LagConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LagConfig {
+    /// `availability_lag_tolerance_ms`.
+    pub tolerance: Duration,
+    pub timing: Timing,
+}
+
+/// Tokens published on each member and expected on the others.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    /// A token not received within this is late: the pair is not syncing.
+    pub tolerance: Duration,
+    /// Shards to reach (one channel each, hash-tagged into each shard's slots).
+    pub shards: u16,
+    pub timing: Timing,
+}
+
+#[derive(Clone, Debug)]
+pub struct CustomConfig {
+    /// Names the check in status, metrics and logs.
+    pub name: String,
+    pub action: CustomAction,
+    pub timing: Timing,
+}
+
+#[derive(Clone, Debug)]
+pub enum CustomAction {
+    /// Commands sent in order on a fresh connection, each reply matched against its pattern
+    /// (`*` matches any run of characters).
+    Commands(Vec<(Vec<String>, String)>),
+    /// A program run with the member in its environment: exit 0 = healthy.
+    Program(Vec<String>),
 }
 
 /// When error replies that mean "this member cannot serve" mark it down.
@@ -371,11 +481,15 @@ mod raw {
         pub id: String,
         pub address: String,
         pub region: Option<String>,
+        pub api: Option<String>,
+        pub bdb: Option<u64>,
         pub username: Option<String>,
         pub password: Option<String>,
         /// A file holding the password (trailing newline stripped), for secrets mounted by
         /// an orchestrator.
         pub password_file: Option<String>,
+        /// An environment variable holding the password.
+        pub password_env: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -398,7 +512,86 @@ mod raw {
         pub error_min_count: Option<u64>,
         pub error_rate: Option<f64>,
         pub error_oom: Option<bool>,
+        pub policy: Option<Policy>,
+        pub ping: Option<Ping>,
+        pub keyspace: Option<Keyspace>,
+        pub availability: Option<Availability>,
+        pub replication: Option<Replication>,
+        #[serde(default)]
+        pub custom: Vec<Custom>,
     }
+
+    /// A check's table: its own `interval`, `timeout`, `rise`, `fall` and `role` (each
+    /// defaulting to `[health]`'s and the kind's role), then the kind's own keys.
+    macro_rules! check_table {
+        ($name:ident { $($(#[$m:meta])* $field:ident: $ty:ty,)* }) => {
+            #[derive(Deserialize, Default)]
+            #[serde(deny_unknown_fields)]
+            pub struct $name {
+                #[serde(default, with = "humantime_serde")]
+                pub interval: Option<Duration>,
+                #[serde(default, with = "humantime_serde")]
+                pub timeout: Option<Duration>,
+                pub rise: Option<u32>,
+                pub fall: Option<u32>,
+                pub role: Option<Role>,
+                $($(#[$m])* pub $field: $ty,)*
+            }
+
+            impl $name {
+                pub fn timing(&self) -> RawTiming {
+                    RawTiming {
+                        interval: self.interval,
+                        timeout: self.timeout,
+                        rise: self.rise,
+                        fall: self.fall,
+                        role: self.role,
+                    }
+                }
+            }
+        };
+    }
+
+    pub struct RawTiming {
+        pub interval: Option<Duration>,
+        pub timeout: Option<Duration>,
+        pub rise: Option<u32>,
+        pub fall: Option<u32>,
+        pub role: Option<Role>,
+    }
+
+    check_table!(Ping { echo: Option<bool>, });
+    check_table!(Keyspace {
+        shards: Option<u16>,
+        #[serde(default, with = "humantime_serde")]
+        ttl: Option<Duration>,
+    });
+    check_table!(Availability {
+        endpoint: Option<ApiEndpoint>,
+        username: Option<String>,
+        password: Option<String>,
+        password_file: Option<String>,
+        password_env: Option<String>,
+        ca_file: Option<String>,
+        verify_tls: Option<bool>,
+        lag: Option<bool>,
+        #[serde(default, with = "humantime_serde")]
+        lag_tolerance: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        lag_interval: Option<Duration>,
+        lag_role: Option<Role>,
+    });
+    check_table!(Replication {
+        #[serde(default, with = "humantime_serde")]
+        tolerance: Option<Duration>,
+        shards: Option<u16>,
+    });
+    check_table!(Custom {
+        name: String,
+        commands: Option<Vec<Vec<String>>>,
+        expect: Option<Vec<String>>,
+        program: Option<Vec<String>>,
+    });
 
     #[derive(Deserialize, Default)]
     #[serde(deny_unknown_fields)]
@@ -586,29 +779,28 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 m.address
             ));
         }
-        let password = match (m.password, m.password_file) {
-            (Some(_), Some(_)) => {
+        let password = secret(
+            &mut problems,
+            &key,
+            m.password.as_deref(),
+            m.password_file.as_deref(),
+            m.password_env.as_deref(),
+        );
+        if let Some(api) = &m.api {
+            if !(api.starts_with("https://") || api.starts_with("http://")) {
                 problems.push(format!(
-                    "{key}.password_file: set either password or password_file, not both"
+                    "{key}.api: \"{api}\" is not a URL (for example \"https://cluster.east:9443\")"
                 ));
-                None
             }
-            (Some(p), None) => Some(Secret(p)),
-            (None, Some(path)) => match std::fs::read_to_string(&path) {
-                Ok(s) => Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())),
-                Err(e) => {
-                    problems.push(format!("{key}.password_file: cannot read \"{path}\": {e}"));
-                    None
-                }
-            },
-            (None, None) => None,
-        };
+        }
         members.push(MemberConfig {
             id: m.id,
             address: m.address,
             region: m.region,
             username: m.username,
             password,
+            api: m.api,
+            bdb: m.bdb,
         });
     }
     if let Some(region) = &p.region {
@@ -621,6 +813,15 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         // Preference: this proxy's region first, file order otherwise (stable sort).
         members.sort_by_key(|m| m.region.as_deref() != Some(region.as_str()));
     }
+
+    let defaults = Timing {
+        interval,
+        timeout,
+        rise,
+        fall,
+        role: Role::Health,
+    };
+    let checks = validate_checks(h, defaults, &members, &mut problems);
 
     let f = &raw.failover;
     let failback_after = positive(
@@ -666,6 +867,12 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         },
         members,
         health: HealthConfig {
+            policy: h.policy.unwrap_or_default(),
+            ping: checks.ping,
+            keyspace: checks.keyspace,
+            availability: checks.availability,
+            replication: checks.replication,
+            custom: checks.custom,
             interval,
             timeout,
             connect_timeout: check_connect_timeout,
@@ -690,6 +897,278 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             format: raw.log.format,
         },
     })
+}
+
+/// The checks beyond `[health]`'s own keys.
+struct Checks {
+    ping: PingConfig,
+    keyspace: Option<KeyspaceConfig>,
+    availability: Option<AvailabilityConfig>,
+    replication: Option<ReplicationConfig>,
+    custom: Vec<CustomConfig>,
+}
+
+/// Most shards a keyspace or replication check reaches (a key or channel each).
+const MAX_SHARDS: u16 = 1024;
+
+fn validate_checks(
+    h: &raw::Health,
+    defaults: Timing,
+    members: &[MemberConfig],
+    problems: &mut Vec<String>,
+) -> Checks {
+    let timing = |problems: &mut Vec<String>, key: &str, raw: raw::RawTiming, role, timeout| {
+        check_timing(problems, defaults, key, raw, role, timeout)
+    };
+    let ping = match &h.ping {
+        None => PingConfig {
+            echo: false,
+            timing: defaults,
+        },
+        Some(p) => PingConfig {
+            echo: p.echo.unwrap_or(false),
+            timing: timing(
+                problems,
+                "health.ping",
+                p.timing(),
+                Role::Health,
+                defaults.timeout,
+            ),
+        },
+    };
+    if ping.timing.role != Role::Health {
+        problems.push("health.ping.role: the PING check is always a health check".into());
+    }
+    let shards = |problems: &mut Vec<String>, key: &str, n: Option<u16>| {
+        let n = n.unwrap_or(1);
+        if n == 0 || n > MAX_SHARDS {
+            problems.push(format!("{key}: must be 1 to {MAX_SHARDS}"));
+        }
+        n
+    };
+    let keyspace = h.keyspace.as_ref().map(|k| {
+        let timing = timing(
+            problems,
+            "health.keyspace",
+            k.timing(),
+            Role::Health,
+            defaults.timeout,
+        );
+        KeyspaceConfig {
+            shards: shards(problems, "health.keyspace.shards", k.shards),
+            ttl: k
+                .ttl
+                .unwrap_or(DEFAULT_KEYSPACE_TTL)
+                .max(Duration::from_millis(1)),
+            timing,
+        }
+    });
+    let availability = h.availability.as_ref().map(|a| {
+        let key = "health.availability";
+        let health = timing(
+            problems,
+            key,
+            a.timing(),
+            Role::Health,
+            DEFAULT_SLOW_CHECK_TIMEOUT,
+        );
+        let lag = a.lag.unwrap_or(false).then(|| {
+            let raw = raw::RawTiming {
+                interval: a.lag_interval.or(a.interval),
+                timeout: a.timeout,
+                rise: a.rise,
+                fall: a.fall,
+                role: a.lag_role,
+            };
+            LagConfig {
+                tolerance: a.lag_tolerance.unwrap_or(DEFAULT_LAG_TOLERANCE),
+                timing: timing(
+                    problems,
+                    "health.availability.lag",
+                    raw,
+                    Role::Sync,
+                    health.timeout,
+                ),
+            }
+        });
+        for (i, m) in members.iter().enumerate() {
+            if m.api.is_none() || m.bdb.is_none() {
+                problems.push(format!(
+                    "members[{i}]: [health.availability] needs every member's api and bdb"
+                ));
+            }
+        }
+        let password = secret(
+            problems,
+            key,
+            a.password.as_deref(),
+            a.password_file.as_deref(),
+            a.password_env.as_deref(),
+        );
+        let ca_pem = a
+            .ca_file
+            .as_ref()
+            .and_then(|path| match std::fs::read(path) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    problems.push(format!("{key}.ca_file: cannot read \"{path}\": {e}"));
+                    None
+                }
+            });
+        AvailabilityConfig {
+            endpoint: a.endpoint.unwrap_or(ApiEndpoint::Local),
+            username: a.username.clone(),
+            password,
+            ca_pem,
+            verify_tls: a.verify_tls.unwrap_or(true),
+            timing: health,
+            lag,
+        }
+    });
+    let replication = h.replication.as_ref().map(|r| {
+        let timing = timing(
+            problems,
+            "health.replication",
+            r.timing(),
+            Role::Sync,
+            defaults.timeout,
+        );
+        let tolerance = r.tolerance.unwrap_or(DEFAULT_REPLICATION_TOLERANCE);
+        if tolerance.is_zero() || tolerance > MAX_DURATION {
+            problems.push("health.replication.tolerance: must be greater than zero".into());
+        }
+        if members.len() < 2 {
+            problems.push("health.replication: needs at least two members".into());
+        }
+        ReplicationConfig {
+            tolerance,
+            shards: shards(problems, "health.replication.shards", r.shards),
+            timing,
+        }
+    });
+    let mut names = HashSet::new();
+    let mut custom = Vec::new();
+    for (i, c) in h.custom.iter().enumerate() {
+        let key = format!("health.custom[{i}]");
+        let timing = timing(
+            problems,
+            &key,
+            c.timing(),
+            Role::Health,
+            DEFAULT_SLOW_CHECK_TIMEOUT,
+        );
+        let reserved = ["ping", "keyspace", "availability", "lag", "replication"];
+        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_graphic()) {
+            problems.push(format!("{key}.name: must be non-empty printable ASCII"));
+        } else if reserved.contains(&c.name.as_str()) || !names.insert(c.name.clone()) {
+            problems.push(format!(
+                "{key}.name: \"{}\" is already a check's name",
+                c.name
+            ));
+        }
+        let action = match (&c.commands, &c.expect, &c.program) {
+            (Some(commands), Some(expect), None)
+                if commands.len() == expect.len()
+                    && !commands.is_empty()
+                    && commands.iter().all(|c| !c.is_empty()) =>
+            {
+                CustomAction::Commands(commands.iter().cloned().zip(expect.clone()).collect())
+            }
+            (None, None, Some(program)) if !program.is_empty() => {
+                CustomAction::Program(program.clone())
+            }
+            _ => {
+                problems.push(format!(
+                    "{key}: set either commands (a list of commands, each a list of words) \
+                     with expect (one pattern per command), or program (the program and its \
+                     arguments)"
+                ));
+                continue;
+            }
+        };
+        custom.push(CustomConfig {
+            name: c.name.clone(),
+            action,
+            timing,
+        });
+    }
+    Checks {
+        ping,
+        keyspace,
+        availability,
+        replication,
+        custom,
+    }
+}
+
+/// A check's timing: its own keys, else `[health]`'s, else the kind's `timeout` and `role`.
+fn check_timing(
+    problems: &mut Vec<String>,
+    defaults: Timing,
+    key: &str,
+    raw: raw::RawTiming,
+    role: Role,
+    timeout: Duration,
+) -> Timing {
+    let mut duration = |name: &str, v: Option<Duration>, default: Duration| {
+        let d = v.unwrap_or(default);
+        if d.is_zero() || d > MAX_DURATION {
+            problems.push(format!(
+                "{key}.{name}: must be greater than zero and at most 30 days"
+            ));
+        }
+        d
+    };
+    let interval = duration("interval", raw.interval, defaults.interval);
+    let timeout = duration("timeout", raw.timeout, timeout);
+    let mut count = |name: &str, v: Option<u32>, default: u32| {
+        let n = v.unwrap_or(default);
+        if n == 0 {
+            problems.push(format!("{key}.{name}: must be at least 1"));
+        }
+        n
+    };
+    Timing {
+        interval,
+        timeout,
+        rise: count("rise", raw.rise, defaults.rise),
+        fall: count("fall", raw.fall, defaults.fall),
+        role: raw.role.unwrap_or(role),
+    }
+}
+
+/// A secret given inline, in a file, or in an environment variable (one of them).
+fn secret(
+    problems: &mut Vec<String>,
+    key: &str,
+    inline: Option<&str>,
+    file: Option<&str>,
+    env: Option<&str>,
+) -> Option<Secret> {
+    match (inline, file, env) {
+        (None, None, None) => None,
+        (Some(p), None, None) => Some(Secret(p.to_string())),
+        (None, Some(path), None) => match std::fs::read_to_string(path) {
+            Ok(s) => Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())),
+            Err(e) => {
+                problems.push(format!("{key}.password_file: cannot read \"{path}\": {e}"));
+                None
+            }
+        },
+        (None, None, Some(var)) => match std::env::var(var) {
+            Ok(s) => Some(Secret(s)),
+            Err(_) => {
+                problems.push(format!("{key}.password_env: ${var} is not set"));
+                None
+            }
+        },
+        _ => {
+            problems.push(format!(
+                "{key}: set one of password, password_file and password_env"
+            ));
+            None
+        }
+    }
 }
 
 /// `host:port` with a non-empty host and a port in 1..=65535 (`[v6]:port` allowed).

@@ -46,11 +46,13 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::admin::AdminState;
-use crate::health::Checker;
+use crate::config::HealthConfig;
+use crate::health::replication::Matrix;
+use crate::health::{Passive, Replication};
 use crate::listener::Listener;
 use crate::member::Members;
 use crate::metrics::Metrics;
-use crate::router::{History, Route, Router, RouterTask};
+use crate::router::{GateCell, History, Route, Router, RouterTask};
 use crate::session::Context;
 
 /// A proxy whose ports are bound, ready to [`Server::run`].
@@ -110,21 +112,28 @@ impl Server {
             admin,
             metrics,
         } = self;
-        let members = Members::new(&config.members, Instant::now());
+        let slots = health::plan(&config.health);
+        let members = Members::new(
+            &config.members,
+            config.health.policy,
+            &slots,
+            Instant::now(),
+        );
         metrics.init_members(members.list.iter().map(|m| m.id()));
         let (route_tx, route_rx) = watch::channel(Route::default());
         let serving = Arc::new(AtomicBool::new(true));
         let (switchover_tx, switchovers) = mpsc::channel(4);
         let history = Arc::new(History::default());
+        let gate = Arc::new(GateCell::default());
+        let matrix = config.health.replication.as_ref().map(|r| {
+            let ids = members.list.iter().map(|m| m.id().to_string()).collect();
+            Arc::new(Matrix::new(ids, r.shards, r.tolerance))
+        });
         let control = Control {
-            checkers: (0..members.len())
-                .map(|idx| Checker {
-                    members: members.clone(),
-                    idx,
-                    config: config.health.clone(),
-                    metrics: metrics.clone(),
-                })
-                .collect(),
+            members: members.clone(),
+            health: config.health.clone(),
+            metrics: metrics.clone(),
+            matrix: matrix.clone(),
             router: RouterTask {
                 router: Router::new(&config.failover, members.len()),
                 members: members.clone(),
@@ -132,6 +141,7 @@ impl Server {
                 history: history.clone(),
                 switchovers,
                 metrics: metrics.clone(),
+                gate: gate.clone(),
             },
             admin,
             admin_state: Arc::new(AdminState {
@@ -145,6 +155,8 @@ impl Server {
                 switchovers: switchover_tx,
                 switching: AtomicBool::new(false),
                 history,
+                gate,
+                matrix,
             }),
         };
         let stop_control = CancellationToken::new();
@@ -244,7 +256,11 @@ impl Server {
 /// The control path: checkers, router and admin API, on a thread and runtime of their own,
 /// so a busy data path cannot delay a check into a false timeout.
 struct Control {
-    checkers: Vec<Checker>,
+    members: Arc<Members>,
+    health: HealthConfig,
+    metrics: Metrics,
+    /// The replication check's lag matrix, when it is on.
+    matrix: Option<Arc<Matrix>>,
     router: RouterTask,
     admin: TcpListener,
     admin_state: Arc<AdminState>,
@@ -252,8 +268,17 @@ struct Control {
 
 impl Control {
     fn start(self, stop: CancellationToken) -> io::Result<std::thread::JoinHandle<()>> {
+        let Control {
+            members,
+            health,
+            metrics,
+            matrix,
+            router,
+            admin,
+            admin_state,
+        } = self;
         // A listener belongs to the runtime that registered it: hand over the socket.
-        let admin = self.admin.into_std()?;
+        let admin = admin.into_std()?;
         std::thread::Builder::new()
             .name("geoproxy-control".into())
             .spawn(move || {
@@ -269,13 +294,11 @@ impl Control {
                 };
                 runtime.block_on(async move {
                     let tasks = TaskTracker::new();
-                    for checker in self.checkers {
-                        tasks.spawn(checker.run(stop.clone()));
-                    }
-                    tasks.spawn(self.router.run(stop.clone()));
+                    spawn_checks(&tasks, &stop, &members, &health, &metrics, matrix);
+                    tasks.spawn(router.run(stop.clone()));
                     match TcpListener::from_std(admin) {
                         Ok(admin) => {
-                            tasks.spawn(admin::run(admin, self.admin_state, stop.clone()));
+                            tasks.spawn(admin::run(admin, admin_state, stop.clone()));
                         }
                         Err(e) => tracing::error!(error = %e, "cannot serve the admin API"),
                     }
@@ -283,6 +306,46 @@ impl Control {
                     tasks.wait().await;
                 });
             })
+    }
+}
+
+/// Every member's checks, its passive side, and the replication check.
+fn spawn_checks(
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+    members: &Arc<Members>,
+    health: &HealthConfig,
+    metrics: &Metrics,
+    matrix: Option<Arc<Matrix>>,
+) {
+    {
+        if health.availability.as_ref().is_some_and(|a| !a.verify_tls) {
+            warn!(
+                "health.availability.verify_tls is off: the REST API's certificate is not verified"
+            );
+        }
+        if let Err(e) = health::check::spawn(tasks, members, health, metrics, stop) {
+            tracing::error!(error = %e, "cannot start the health checks");
+        }
+        for idx in 0..members.len() {
+            let passive = Passive {
+                members: members.clone(),
+                idx,
+                config: health.clone(),
+                metrics: metrics.clone(),
+            };
+            tasks.spawn(passive.run(stop.clone()));
+        }
+        if let (Some(config), Some(matrix)) = (&health.replication, matrix) {
+            let replication = Replication {
+                members: members.clone(),
+                config: config.clone(),
+                connect_timeout: health.connect_timeout,
+                metrics: metrics.clone(),
+                matrix,
+            };
+            tasks.spawn(replication.run(stop.clone()));
+        }
     }
 }
 
@@ -299,6 +362,13 @@ fn listen(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
     socket.set_reuseport(shared)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// This process's id among proxies: it names the keys and tokens of its checks, so that
+/// the checks of several proxies on one database never answer for each other.
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{:08x}", rand::random::<u32>()))
 }
 
 /// Redis's default `tcp-backlog`.

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::MemberConfig;
+use crate::health::verdict::{Change, CheckStatus, Policy, Role, Slot, Verdicts};
 use crate::health::{Cause, Evidence, State};
 use crate::resp::table::CommandTable;
 
@@ -86,17 +87,32 @@ pub struct Status {
     pub since: Instant,
     /// Why the member is down (while it is).
     pub cause: Option<Cause>,
-    /// The last failed check's error, kept until a check succeeds.
+    /// Every sync check passes (lag, replication; true when none is configured).
+    pub synced: bool,
+    /// Why it is not synced ("replication: from eu-west 4.2 s behind").
+    pub unsynced_because: Option<String>,
+    /// Why it is down, or else the first failing check's error.
     pub last_error: Option<String>,
-    /// Duration of the last check, in seconds.
+    /// Duration of the last PING check, in seconds.
     pub last_check_seconds: Option<f64>,
+    /// Every check's verdict.
+    pub checks: Vec<CheckStatus>,
+}
+
+/// The member's checks and the times their sum last changed.
+#[derive(Debug)]
+struct Record {
+    verdicts: Verdicts,
+    since: Instant,
+    /// What forced the member down (a confirmed signal, a tripped error window).
+    forced_because: Option<String>,
 }
 
 pub struct Member {
     pub config: MemberConfig,
     /// Mirrors `status.state == Up`, for sessions (no lock on the hot path).
     up: AtomicBool,
-    status: Mutex<Status>,
+    record: Mutex<Record>,
     /// Passive signals, waiting for the checker's confirming probe.
     pub evidence: Evidence,
     /// Replies in which the member said it cannot serve (`-LOADING`, `-BUSY`, ...): the
@@ -133,27 +149,62 @@ impl Member {
 
     /// A copy of the member's health.
     pub fn status(&self) -> Status {
-        self.lock().clone()
+        let r = self.lock();
+        let v = &r.verdicts;
+        let state = v.state();
+        let failing = v
+            .checks()
+            .iter()
+            .filter(|c| c.state != State::Up && c.last_error.is_some())
+            .min_by_key(|c| c.role != Role::Health)
+            .and_then(|c| c.last_error.clone());
+        Status {
+            state,
+            since: r.since,
+            cause: (state == State::Down).then(|| v.cause()),
+            synced: v.synced(),
+            unsynced_because: v.unsynced_because(),
+            last_error: r.forced_because.clone().or(failing),
+            last_check_seconds: v.checks().first().and_then(|c| c.last_seconds),
+            checks: v.checks().to_vec(),
+        }
     }
 
-    /// Sets the health state (the checker's call), with the cause of a fall.
-    pub(crate) fn set_state(&self, state: State, cause: Option<Cause>, now: Instant) {
-        let mut s = self.lock();
-        s.state = state;
-        s.since = now;
-        s.cause = cause;
-        self.up.store(state == State::Up, Ordering::Relaxed);
+    /// The member's checks, as configured.
+    pub fn slots(&self) -> Vec<Slot> {
+        self.lock().verdicts.slots().to_vec()
     }
 
-    pub(crate) fn record_check(&self, seconds: f64, error: Option<String>) {
-        let mut s = self.lock();
-        s.last_check_seconds = Some(seconds);
-        s.last_error = error;
+    /// Records one result of check `slot` (a checker's call); returns what it changed.
+    pub(crate) fn observe(
+        &self,
+        slot: usize,
+        result: Result<(), String>,
+        seconds: f64,
+        now: Instant,
+    ) -> Change {
+        let mut r = self.lock();
+        let change = r.verdicts.observe(slot, result, seconds);
+        self.settle(&mut r, change, now)
     }
 
-    /// An error that is not a check's (the error window tripped).
-    pub(crate) fn record_error(&self, error: String) {
-        self.lock().last_error = Some(error);
+    /// Down at once: a confirmed passive signal or a tripped error window.
+    pub(crate) fn force_down(&self, cause: Cause, why: String, now: Instant) -> Change {
+        let mut r = self.lock();
+        let change = r.verdicts.force_down(cause);
+        r.forced_because = Some(why);
+        self.settle(&mut r, change, now)
+    }
+
+    fn settle(&self, r: &mut Record, change: Change, now: Instant) -> Change {
+        if let Some(flip) = change.flip {
+            r.since = now;
+            if flip.to == State::Up {
+                r.forced_because = None;
+            }
+            self.up.store(flip.to == State::Up, Ordering::Relaxed);
+        }
+        change
     }
 
     /// `n` replies in which the member said it cannot serve.
@@ -165,9 +216,9 @@ impl Member {
         self.refusals.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Status> {
-        // A panic while holding this lock cannot leave a half-written status: recover it.
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Record> {
+        // A panic while holding this lock cannot leave a half-written record: recover it.
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -178,18 +229,22 @@ pub struct Members {
 }
 
 impl Members {
-    pub fn new(configs: &[MemberConfig], now: Instant) -> Arc<Members> {
+    /// Every member gets the same checks, combined by `policy`.
+    pub fn new(
+        configs: &[MemberConfig],
+        policy: Policy,
+        slots: &[Slot],
+        now: Instant,
+    ) -> Arc<Members> {
         let list = configs
             .iter()
             .map(|config| Member {
                 config: config.clone(),
                 up: AtomicBool::new(false),
-                status: Mutex::new(Status {
-                    state: State::Unknown,
+                record: Mutex::new(Record {
+                    verdicts: Verdicts::new(policy, slots.to_vec()),
                     since: now,
-                    cause: None,
-                    last_error: None,
-                    last_check_seconds: None,
+                    forced_because: None,
                 }),
                 evidence: Evidence::default(),
                 refusals: AtomicU64::new(0),
@@ -201,6 +256,11 @@ impl Members {
             list,
             changed: Notify::new(),
         })
+    }
+
+    /// Lock-free: is any member up?
+    pub fn any_up(&self) -> bool {
+        self.list.iter().any(Member::is_up)
     }
 
     pub fn get(&self, idx: MemberIdx) -> &Member {

@@ -16,6 +16,11 @@ pub struct Metrics {
     switches: IntCounterVec,
     route_epoch: IntGauge,
     check_duration: HistogramVec,
+    check_up: IntGaugeVec,
+    member_synced: IntGaugeVec,
+    replication_lag: prometheus::GaugeVec,
+    failback_held: IntGaugeVec,
+    pub no_member_available: IntGauge,
     passive_signals: IntCounterVec,
     refusals: IntCounterVec,
     pub sessions_open: IntGauge,
@@ -90,12 +95,63 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "geoproxy_check_duration_seconds",
-                        "Duration of health checks, by member."
+                        "Duration of health checks, by member and check."
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     ]),
+                    &["member", "check"]
+                )
+            ),
+            check_up: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_check_up",
+                        "1 if the member passed its last run of this check, 0 if not."
+                    ),
+                    &["member", "check"]
+                )
+            ),
+            member_synced: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_member_synced",
+                        "1 if every sync check (lag, replication) of the member passes."
+                    ),
                     &["member"]
+                )
+            ),
+            replication_lag: register!(
+                r,
+                prometheus::GaugeVec::new(
+                    opts(
+                        "geoproxy_replication_lag_seconds",
+                        "How far behind `to` is in receiving the replication check's tokens \
+                         published on `from`: the observed delay of the last token, or the \
+                         age of the oldest one not received."
+                    ),
+                    &["from", "to"]
+                )
+            ),
+            failback_held: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_failback_held",
+                        "1 while traffic does not return to a more preferred member that is \
+                         up, by member and why (hold: its failback_after; sync: its sync \
+                         checks)."
+                    ),
+                    &["member", "reason"]
+                )
+            ),
+            no_member_available: register!(
+                r,
+                IntGauge::new(
+                    "geoproxy_no_member_available",
+                    "1 while no member is available (every command gets -UNAVAILABLE)."
                 )
             ),
             passive_signals: register!(
@@ -254,10 +310,36 @@ impl Metrics {
         counter.inc_by(total.saturating_sub(counter.get()));
     }
 
-    pub fn check_duration(&self, member: &str, seconds: f64) {
+    /// One run of a check: its duration and whether it passed.
+    pub fn check(&self, member: &str, check: &str, seconds: f64, passed: bool) {
         self.check_duration
-            .with_label_values(&[member])
+            .with_label_values(&[member, check])
             .observe(seconds);
+        self.check_up
+            .with_label_values(&[member, check])
+            .set(passed.into());
+    }
+
+    pub fn member_synced(&self, member: &str, synced: bool) {
+        self.member_synced
+            .with_label_values(&[member])
+            .set(synced.into());
+    }
+
+    pub fn replication_lag(&self, from: &str, to: &str, seconds: f64) {
+        self.replication_lag
+            .with_label_values(&[from, to])
+            .set(seconds);
+    }
+
+    /// Why failback to `member` is held (`None`: it is not).
+    pub fn failback_held(&self, member: &str, reason: Option<&str>) {
+        for r in ["hold", "sync"] {
+            let held = reason == Some(r);
+            self.failback_held
+                .with_label_values(&[member, r])
+                .set(held.into());
+        }
     }
 
     /// The command counter of one member, resolved once per upstream (not per command).

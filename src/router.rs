@@ -8,8 +8,10 @@
 //!
 //! The rules:
 //! - **Failover** is immediate, to the first member that is *settled* (up for its hold, and
-//!   not left within it), else to the first member up. A member known down is never chosen.
-//! - **Failback** (`failback = "auto"`) returns to a more preferred member once it is settled.
+//!   not left within it) and *synced* (its lag and replication checks pass), else the first
+//!   settled one, else the one closest to settled. A member known down is never chosen.
+//! - **Failback** (`failback = "auto"`) returns to a more preferred member once it is settled
+//!   and synced: the *failback gate*. While it holds, [`Router::gate`] says why.
 //! - **Hold**: a member's hold is `failback_after`; one that fails within `flap_hold_max` of
 //!   traffic returning to it has flapped, and its hold doubles (up to `flap_hold_max`); one
 //!   that served that long without failing is back to `failback_after`.
@@ -29,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Failback, FailoverConfig};
+use crate::health::verdict::Kind;
 use crate::health::{Cause, State};
 use crate::member::{MemberIdx, Members};
 use crate::metrics::Metrics;
@@ -77,6 +80,26 @@ pub struct MemberView {
     pub since: Instant,
     /// Why it is down (while it is).
     pub cause: Option<Cause>,
+    /// Its sync checks pass (true when it has none).
+    pub synced: bool,
+}
+
+/// Why traffic does not return to a more preferred member that is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// It has not been up (and not left) for its hold yet.
+    Hold { until: Instant },
+    /// Its sync checks fail.
+    Sync,
+}
+
+impl Gate {
+    pub fn label(self) -> &'static str {
+        match self {
+            Gate::Hold { .. } => "hold",
+            Gate::Sync => "sync",
+        }
+    }
 }
 
 /// A change of route.
@@ -176,10 +199,12 @@ impl Router {
                 }
                 let better: Vec<usize> = (0..a).filter(|&i| up(i)).collect();
                 let settled = |i: &usize| self.settled_at(*i, &members[*i]);
-                if let Some(&p) = better.iter().find(|i| settled(i) <= now) {
+                let ready = |i: &&usize| settled(i) <= now && members[**i].synced;
+                if let Some(&p) = better.iter().find(ready) {
                     return self.switch_to(Some(p), Reason::Failback, now);
                 }
-                stay(better.iter().map(settled).min())
+                // Wake when a hold ends; a sync flip wakes the router by itself.
+                stay(better.iter().map(settled).filter(|t| *t > now).min())
             }
             active => {
                 if !self.routed {
@@ -191,23 +216,46 @@ impl Router {
                         _ => stay(None),
                     };
                 }
-                // The first settled member; else the one closest to settled (one that came
-                // back seconds ago is the last choice); any member up beats none.
+                // The first settled and synced member; else the first settled; else the one
+                // closest to settled (one that came back seconds ago is the last choice); any
+                // member up beats none.
                 let settled = |i: usize| self.settled_at(i, &members[i]);
                 let candidates = (0..members.len()).filter(|&i| up(i));
                 let target = candidates
                     .clone()
-                    .find(|&i| settled(i) <= now)
+                    .find(|&i| settled(i) <= now && members[i].synced)
+                    .or_else(|| candidates.clone().find(|&i| settled(i) <= now))
                     .or_else(|| candidates.min_by_key(|&i| settled(i)));
                 if target == active {
                     return stay(None);
                 }
                 let reason = match active {
-                    Some(a) => Reason::Failover(members[a].cause.unwrap_or(Cause::Check)),
+                    Some(a) => {
+                        Reason::Failover(members[a].cause.unwrap_or(Cause::Check(Kind::Ping)))
+                    }
                     None => Reason::Recovered,
                 };
                 self.switch_to(target, reason, now)
             }
+        }
+    }
+
+    /// The failback gate: the most preferred member, better than the active one, that is up
+    /// but not yet returned to, and why (`None` with automatic failback off or under an
+    /// operator's switchover, or when the active member is the best one up).
+    pub fn gate(&self, members: &[MemberView], now: Instant) -> Option<(MemberIdx, Gate)> {
+        let a = self.active?;
+        if self.failback == Failback::Manual || self.operator == Some(a) {
+            return None;
+        }
+        let p = (0..a).find(|&i| members[i].state == State::Up)?;
+        let until = self.settled_at(p, &members[p]);
+        if until > now {
+            Some((p, Gate::Hold { until }))
+        } else if !members[p].synced {
+            Some((p, Gate::Sync))
+        } else {
+            None
         }
     }
 
@@ -304,6 +352,9 @@ impl History {
     }
 }
 
+/// The failback gate as the router last saw it, for `/v1/status`.
+pub type GateCell = Mutex<Option<(MemberIdx, Gate)>>;
+
 /// A switchover request to the router task, with where to send its outcome.
 pub struct SwitchoverRequest {
     pub to: MemberIdx,
@@ -318,6 +369,7 @@ pub struct RouterTask {
     pub history: Arc<History>,
     pub switchovers: mpsc::Receiver<SwitchoverRequest>,
     pub metrics: Metrics,
+    pub gate: Arc<GateCell>,
 }
 
 impl RouterTask {
@@ -325,8 +377,10 @@ impl RouterTask {
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
             let views = self.views();
-            let decision = self.router.decide(&views, Instant::now());
+            let now = Instant::now();
+            let decision = self.router.decide(&views, now);
             self.publish(decision);
+            self.publish_gate(&views, now);
             let wake_at = decision.wake_at;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -355,9 +409,32 @@ impl RouterTask {
                     state: s.state,
                     since: s.since,
                     cause: s.cause,
+                    synced: s.synced,
                 }
             })
             .collect()
+    }
+
+    /// Publishes the failback gate: `/v1/status` and `geoproxy_failback_held`.
+    fn publish_gate(&self, views: &[MemberView], now: Instant) {
+        let gate = self.router.gate(views, now);
+        let mut cell = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if *cell == gate {
+            return;
+        }
+        *cell = gate;
+        for (i, m) in self.members.list.iter().enumerate() {
+            let held = gate.filter(|(g, _)| *g == i).map(|(_, why)| why.label());
+            self.metrics.failback_held(m.id(), held);
+        }
+        if let Some((i, Gate::Sync)) = gate {
+            let member = self.members.get(i);
+            let why = member.status().unsynced_because.unwrap_or_default();
+            info!(
+                member = member.id(),
+                why, "failback held: the member is not synced"
+            );
+        }
     }
 
     /// Publishes a switch: the route, the metrics, the history and one log line.
@@ -387,6 +464,9 @@ impl RouterTask {
             to: switch.to.map(|i| members.get(i).id().to_string()),
             reason: reason.to_string(),
         });
+        self.metrics
+            .no_member_available
+            .set(switch.to.is_none().into());
         if switch.to.is_none() {
             warn!(from, to, %reason, epoch, "switch: no member available");
         } else {
@@ -425,7 +505,8 @@ mod tests {
             .map(|&(state, began)| MemberView {
                 state,
                 since: t0 + Duration::from_secs(at) - Duration::from_secs(began),
-                cause: (state == Down).then_some(Cause::Check),
+                cause: (state == Down).then_some(Cause::Check(Kind::Ping)),
+                synced: true,
             })
             .collect()
     }
@@ -580,7 +661,7 @@ mod tests {
         assert_eq!(r.active(), Some(0));
         assert_eq!(
             d.switch.map(|s| s.reason),
-            Some(Reason::Failover(Cause::Check))
+            Some(Reason::Failover(Cause::Check(Kind::Ping)))
         );
         // Manual failback: a switchover is the way back to the preferred member.
         let mut r = router(Failback::Manual);
@@ -631,7 +712,7 @@ mod tests {
     #[test]
     fn reasons_name_the_cause() {
         let reasons = [
-            Reason::Failover(Cause::Check),
+            Reason::Failover(Cause::Check(Kind::Ping)),
             Reason::Failover(Cause::Passive(crate::member::Signal::ConnectionLost)),
             Reason::Failover(Cause::Errors),
             Reason::Failback,

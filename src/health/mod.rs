@@ -1,17 +1,29 @@
-//! Health: consecutive-result counters per member, and the checker task that feeds them.
+//! Health: the checks of every member, and what they add up to.
 //!
-//! A member's [`Health`] changes state only after `rise` consecutive good or `fall`
-//! consecutive bad results, or at once when a passive signal is confirmed by a probe on a
-//! fresh connection ([`evidence`]) or the member's own error replies trip its window
-//! ([`errors`]). Only a flip logs, counts a metric and wakes the router.
+//! Each check kind is one file behind the small [`Check`] trait (`ping`, `keyspace`,
+//! `availability`, `custom`) and runs in a [`Checker`] task of its own per member; the
+//! replication check is one task for all members (it measures pairs). Every check has its
+//! own consecutive-result counter ([`Health`]: `rise` good or `fall` bad results flip it),
+//! and [`verdict`] combines them by the policy into the member's state and sync. A passive
+//! signal confirmed by a probe on a fresh connection ([`evidence`], [`passive`]) or a tripped
+//! error window ([`errors`]) takes the member down at once. Only a flip logs, counts a metric
+//! and wakes the router.
 
-mod checker;
+mod availability;
+pub mod check;
+mod custom;
 pub mod errors;
 pub mod evidence;
+mod keyspace;
+mod passive;
 mod ping;
+pub mod replication;
+pub mod verdict;
 
-pub use checker::Checker;
+pub use check::{plan, Check, Checker};
 pub use evidence::Evidence;
+pub use passive::Passive;
+pub use replication::Replication;
 
 use std::fmt;
 
@@ -22,8 +34,8 @@ use crate::member::Signal;
 /// Why a member went down: the first half of a failover's reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
-    /// `fall` consecutive PING checks failed.
-    Check,
+    /// A check of this kind failed `fall` times in a row (and the policy let it count).
+    Check(verdict::Kind),
     /// A session's signal, confirmed by a probe on a fresh connection.
     Passive(Signal),
     /// The member's "cannot serve" error replies tripped its error window.
@@ -33,7 +45,7 @@ pub enum Cause {
 impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Cause::Check => f.write_str("check:ping"),
+            Cause::Check(kind) => write!(f, "check:{kind}"),
             Cause::Passive(signal) => write!(f, "passive:{}", signal.label()),
             Cause::Errors => f.write_str("passive:errors"),
         }
@@ -112,15 +124,6 @@ impl Health {
         Some(self.flip(to))
     }
 
-    /// Up/Unknown -> Down at once: a confirmed passive signal, or a tripped error window.
-    pub fn force_down(&mut self) -> Option<Flip> {
-        if self.state == State::Down {
-            self.streak = 0; // a recovery in progress starts over
-            return None;
-        }
-        Some(self.flip(State::Down))
-    }
-
     fn flip(&mut self, to: State) -> Flip {
         let from = self.state;
         self.state = to;
@@ -143,7 +146,6 @@ mod tests {
                 match c {
                     '+' => h.observe(true),
                     '-' => h.observe(false),
-                    '!' => h.force_down(),
                     _ => unreachable!(),
                 };
                 h.state()
@@ -161,8 +163,6 @@ mod tests {
             (2, 3, "+---", &[Up, Up, Up, Down]),
             (2, 2, "-+-++", &[Down, Down, Down, Down, Up]),
             (1, 1, "-+-", &[Down, Up, Down]),
-            (2, 2, "+!", &[Up, Down]),
-            (2, 2, "+!+!++", &[Up, Down, Down, Down, Down, Up]),
         ];
         for (rise, fall, results, want) in cases {
             assert_eq!(
@@ -186,6 +186,6 @@ mod tests {
         assert_eq!(h.observe(true), None);
         assert_eq!(h.observe(false), None);
         assert_eq!(h.observe(false), Some(Flip { from: Up, to: Down }));
-        assert_eq!(h.force_down(), None);
+        assert_eq!(h.observe(false), None);
     }
 }

@@ -1,4 +1,5 @@
-//! The PING check: the member answers RESP on a connection authenticated as configured.
+//! The PING check: the member answers RESP on a connection authenticated as configured
+//! (or, with `health.ping.echo`, echoes a random token: proof the reply is this check's).
 //!
 //! Two timeouts, each named in the error it gives: `connect_timeout` for the handshake of a
 //! fresh connection (TCP connect and AUTH; TLS later), `timeout` for the PING on it. The
@@ -14,7 +15,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
+use tracing::debug;
+
+use super::check::Check;
 use crate::config::{HealthConfig, MemberConfig};
+use crate::member::Member;
 use crate::resp::request::encode_command;
 use crate::resp::table::CommandTable;
 use crate::upstream::{connect, error_line, read_reply, PING};
@@ -25,6 +30,7 @@ const COMMAND: &[u8] = b"*1\r\n$7\r\nCOMMAND\r\n";
 const COMMAND_TABLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct PingCheck {
+    echo: bool,
     connect_timeout: Duration,
     timeout: Duration,
     reconnect_interval: Duration,
@@ -35,8 +41,9 @@ pub struct PingCheck {
 impl PingCheck {
     pub fn new(config: &HealthConfig) -> PingCheck {
         PingCheck {
+            echo: config.ping.echo,
             connect_timeout: config.connect_timeout,
-            timeout: config.timeout,
+            timeout: config.ping.timing.timeout,
             reconnect_interval: config.reconnect_interval,
             conn: None,
             buf: BytesMut::new(),
@@ -46,7 +53,7 @@ impl PingCheck {
     /// One periodic check, on the kept connection (opened anew when it is old).
     /// A kept connection the member closed meanwhile (its `timeout`, a `CLIENT KILL`) is
     /// no evidence against the member: the check opens a fresh one.
-    pub async fn run(&mut self, member: &MemberConfig) -> Result<(), String> {
+    pub async fn periodic(&mut self, member: &MemberConfig) -> Result<(), String> {
         if let Some((conn, opened)) = &self.conn {
             let mut byte = [0u8; 1];
             let idle =
@@ -72,7 +79,7 @@ impl PingCheck {
     }
 
     /// Fetches the member's `COMMAND` table on the check connection (after a good check).
-    pub async fn command_table(&mut self) -> Result<CommandTable, String> {
+    async fn command_table(&mut self) -> Result<CommandTable, String> {
         let Some((conn, _)) = self.conn.as_mut() else {
             return Err("no connection".into());
         };
@@ -100,6 +107,7 @@ impl PingCheck {
     }
 
     async fn check(&mut self, member: &MemberConfig) -> Result<(), String> {
+        let what = if self.echo { "ECHO" } else { "PING" };
         if self.conn.is_none() {
             let limit = self.connect_timeout;
             match timeout(limit, self.open(member)).await {
@@ -118,28 +126,14 @@ impl PingCheck {
         match timeout(limit, self.ping()).await {
             Ok(r) => r,
             Err(_) => Err(format!(
-                "check timeout: no PING reply within {limit:?} (health.timeout)"
+                "check timeout: no {what} reply within {limit:?} (health.timeout)"
             )),
         }
     }
 
     /// Connects and authenticates: the handshake, timed by `connect_timeout`.
     async fn open(&mut self, member: &MemberConfig) -> Result<(), String> {
-        let mut conn = connect(&member.address).await.map_err(|e| e.to_string())?;
-        if let Some(password) = &member.password {
-            let mut args = vec![b"AUTH".to_vec()];
-            args.extend(member.username.iter().map(|u| u.as_bytes().to_vec()));
-            args.push(password.expose().as_bytes().to_vec());
-            let mut auth = Vec::new();
-            encode_command(&args, &mut auth);
-            conn.write_all(&auth).await.map_err(|e| e.to_string())?;
-            let reply = read_reply(&mut conn, &mut self.buf)
-                .await
-                .map_err(|e| e.to_string())?;
-            if reply.first() != Some(&b'+') {
-                return Err(format!("AUTH failed: {}", error_line(&reply)));
-            }
-        }
+        let conn = handshake(member, &mut self.buf).await?;
         self.conn = Some((conn, Instant::now()));
         Ok(())
     }
@@ -148,15 +142,91 @@ impl PingCheck {
         let Some((conn, _)) = self.conn.as_mut() else {
             return Err("no connection".into());
         };
-        conn.write_all(PING).await.map_err(|e| e.to_string())?;
+        let (name, request, want) = if self.echo {
+            let token = format!("geoproxy-{:016x}", rand::random::<u64>());
+            let mut request = Vec::new();
+            encode_command(
+                &[b"ECHO".to_vec(), token.clone().into_bytes()],
+                &mut request,
+            );
+            let want = format!("${}\r\n{token}\r\n", token.len()).into_bytes();
+            ("ECHO", request, want)
+        } else {
+            ("PING", PING.to_vec(), b"+PONG\r\n".to_vec())
+        };
+        conn.write_all(&request).await.map_err(|e| e.to_string())?;
         let reply = read_reply(conn, &mut self.buf)
             .await
             .map_err(|e| e.to_string())?;
         // `+PONG`; a member still loading its data answers `-LOADING ...`.
-        if reply.starts_with(b"+PONG") {
+        if reply[..] == want[..] {
             Ok(())
         } else {
-            Err(format!("PING answered: {}", error_line(&reply)))
+            Err(format!("{name} answered: {}", error_line(&reply)))
         }
+    }
+}
+
+/// Opens a connection to `member` and authenticates it with the checks' credentials.
+pub(super) async fn handshake(
+    member: &MemberConfig,
+    buf: &mut BytesMut,
+) -> Result<TcpStream, String> {
+    let mut conn = connect(&member.address).await.map_err(|e| e.to_string())?;
+    if let Some(password) = &member.password {
+        let mut args = vec![b"AUTH".to_vec()];
+        args.extend(member.username.iter().map(|u| u.as_bytes().to_vec()));
+        args.push(password.expose().as_bytes().to_vec());
+        let reply = request(&mut conn, buf, &args).await?;
+        if reply.first() != Some(&b'+') {
+            return Err(format!("AUTH failed: {}", error_line(&reply)));
+        }
+    }
+    Ok(conn)
+}
+
+/// Sends one command and reads its whole reply.
+pub(super) async fn request(
+    conn: &mut TcpStream,
+    buf: &mut BytesMut,
+    args: &[Vec<u8>],
+) -> Result<BytesMut, String> {
+    let mut bytes = Vec::new();
+    encode_command(args, &mut bytes);
+    conn.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    read_reply(conn, buf).await.map_err(|e| e.to_string())
+}
+
+/// `future`, or an error naming the key of the timeout it overran.
+pub(super) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    key: &str,
+    future: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match timeout(limit, future).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("{what}: nothing within {limit:?} ({key})")),
+    }
+}
+
+impl Check for PingCheck {
+    async fn run(&mut self, member: &Member) -> Result<(), String> {
+        let result = self.periodic(&member.config).await;
+        if result.is_ok() && !member.knows_commands() {
+            // Learned once (module commands included); the built-in table serves meanwhile.
+            match self.command_table().await {
+                Ok(table) => {
+                    debug!(
+                        member = member.id(),
+                        commands = table.len,
+                        "command table loaded"
+                    );
+                    member.set_command_table(table);
+                }
+                Err(e) => debug!(member = member.id(), error = %e, "no command table yet"),
+            }
+        }
+        result
     }
 }

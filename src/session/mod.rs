@@ -590,9 +590,11 @@ impl Session {
             }
             other => {
                 self.broken = other;
-                // No upstream: wait for a member, up to `unavailable_timeout`.
+                // No upstream: wait for a member, up to `unavailable_timeout`; not at all
+                // once the router has said that no member is available.
                 let waited = self.detached_since.map_or(Duration::ZERO, |t| t.elapsed());
-                if waited < self.ctx.unavailable_timeout {
+                let none_available = self.route_seen.member.is_none() && self.route_seen.epoch > 0;
+                if waited < self.ctx.unavailable_timeout && !none_available {
                     return Ok(false);
                 }
                 self.ctx.metrics.unavailable_replies.inc();

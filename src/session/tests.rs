@@ -32,7 +32,7 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
         .build()
         .unwrap();
     let ticks = runtime.block_on(async {
-        let members = Members::new(&[], Instant::now());
+        let members = Members::new(&[], Default::default(), &[], Instant::now());
         let ctx = Arc::new(Context {
             members,
             metrics: Metrics::new(prometheus::Registry::new()),

@@ -1,0 +1,463 @@
+//! The replication check: does each member still receive what the others publish, and how
+//! late? A member that answers every PING can still have stopped syncing with the others
+//! (a cut link between regions, a stuck syncer); this check sees it from outside.
+//!
+//! Every `interval` the check gives the round a number and each member's publisher
+//! `PUBLISH`es a token (`<proxy instance> <member id> <round>`) on one channel per shard
+//! (`geoproxy:replication:{tag}`, the tag hashing into that shard's slots), and each member's
+//! subscriber listens on all of them. Active-Active replicates the messages to the other
+//! members; a token published on `from` and received on `to` measures the pair.
+//!
+//! The lag of a pair `from -> to` is the observed delay of the last round's token when it
+//! arrived on every shard, else the age of the oldest round not received: it grows while a
+//! link is cut, and a member that stops publishing or subscribing lags towards everyone. A
+//! member is synced when no pair between it and another member that is up lags more than
+//! `tolerance`. The matrix is in `/v1/status` and `geoproxy_replication_lag_seconds`.
+//!
+//! Rounds are numbered here and a token names its proxy instance, so the checks of several
+//! proxies on one database pass each other's tokens by.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::OwnedFrame;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::check::{jittered, publish};
+use super::keyspace::shard_tags;
+use super::ping::{handshake, request, within};
+use super::verdict::Kind;
+use crate::config::ReplicationConfig;
+use crate::member::{MemberIdx, Members};
+use crate::metrics::Metrics;
+use crate::upstream::read_reply;
+
+/// Rounds remembered (their send times); older ones count as the oldest kept.
+const ROUNDS_KEPT: usize = 1024;
+
+/// Runs the replication check of every member until shutdown.
+pub struct Replication {
+    pub members: Arc<Members>,
+    pub config: ReplicationConfig,
+    pub connect_timeout: Duration,
+    pub metrics: Metrics,
+    pub matrix: Arc<Matrix>,
+}
+
+impl Replication {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let channels: Vec<String> = shard_tags(self.config.shards)
+            .iter()
+            .map(|tag| format!("geoproxy:replication:{{{tag}}}"))
+            .collect();
+        let (round_tx, round_rx) = watch::channel(0u64);
+        let tasks = TaskTracker::new();
+        for idx in 0..self.members.len() {
+            let link = Link {
+                members: self.members.clone(),
+                idx,
+                channels: channels.clone(),
+                matrix: self.matrix.clone(),
+                connect_timeout: self.connect_timeout,
+                timeout: self.config.timing.timeout,
+                retry: self.config.timing.interval,
+            };
+            tasks.spawn(link.clone().subscribe(shutdown.clone()));
+            tasks.spawn(link.publish(round_rx.clone(), shutdown.clone()));
+        }
+        tasks.close();
+        let slot = self
+            .members
+            .get(0)
+            .slots()
+            .iter()
+            .position(|s| s.kind == Kind::Replication);
+        let Some(slot) = slot else {
+            return;
+        };
+        let mut round = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sleep(jittered(self.config.timing.interval)) => {}
+            }
+            // Judge the last round (it had an interval to arrive), then start the next.
+            if round > 0 {
+                self.judge(slot, Instant::now());
+            }
+            round += 1;
+            self.matrix.start_round(round, Instant::now());
+            round_tx.send_replace(round);
+        }
+        tasks.wait().await;
+    }
+
+    /// Feeds each member's verdict: the worst pair between it and the members that are up.
+    fn judge(&self, slot: usize, now: Instant) {
+        let lags = self.matrix.measure(now);
+        let ids: Vec<&str> = self.members.list.iter().map(|m| m.id()).collect();
+        for (from, row) in lags.iter().enumerate() {
+            for (to, lag) in row.iter().enumerate() {
+                if let (true, Some(lag)) = (from != to, lag) {
+                    self.metrics
+                        .replication_lag(ids[from], ids[to], lag.as_secs_f64());
+                }
+            }
+        }
+        for m in 0..ids.len() {
+            let pairs = (0..ids.len())
+                .filter(|&n| n != m && self.members.get(n).is_up())
+                .flat_map(|n| [(n, m, "from", n), (m, n, "to", n)]);
+            let mut worst: Option<(Duration, &str, usize)> = None;
+            let mut unmeasured = false;
+            for (from, to, direction, other) in pairs {
+                match lags[from][to] {
+                    Some(lag) if worst.is_none_or(|(w, _, _)| lag > w) => {
+                        worst = Some((lag, direction, other))
+                    }
+                    Some(_) => {}
+                    None => unmeasured = true,
+                }
+            }
+            if unmeasured {
+                continue; // the first round: nothing to judge yet
+            }
+            let result = match worst {
+                Some((lag, direction, other)) if lag > self.config.tolerance => Err(format!(
+                    "replication {direction} {}: {:.1} s behind (tolerance {:?})",
+                    ids[other],
+                    lag.as_secs_f64(),
+                    self.config.tolerance
+                )),
+                _ => Ok(()),
+            };
+            let member = self.members.get(m);
+            let ok = result.is_ok();
+            let why = result.clone().err();
+            let change = member.observe(slot, result, 0.0, now);
+            self.metrics.check(member.id(), "replication", 0.0, ok);
+            publish(&self.members, m, &self.metrics, change, why.as_deref());
+        }
+    }
+}
+
+/// One member's two connections: the publisher's and the subscriber's.
+#[derive(Clone)]
+struct Link {
+    members: Arc<Members>,
+    idx: MemberIdx,
+    channels: Vec<String>,
+    matrix: Arc<Matrix>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    /// Wait before reconnecting a lost connection.
+    retry: Duration,
+}
+
+impl Link {
+    /// Publishes each round's token on every channel, as soon as the round starts. A round
+    /// missed (a hung member) is never published late: its token simply never arrives.
+    async fn publish(self, mut rounds: watch::Receiver<u64>, shutdown: CancellationToken) {
+        let member = self.members.get(self.idx);
+        let mut conn: Option<TcpStream> = None;
+        let mut buf = BytesMut::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = rounds.changed() => if changed.is_err() { return },
+            }
+            let round = *rounds.borrow_and_update();
+            let token = format!("{} {} {round}", crate::instance_id(), member.id());
+            let sent = async {
+                if conn.is_none() {
+                    let open = handshake(&member.config, &mut buf);
+                    let key = "health.connect_timeout";
+                    conn = Some(within(self.connect_timeout, "connect", key, open).await?);
+                }
+                let stream = conn.as_mut().ok_or("no connection")?;
+                for channel in &self.channels {
+                    let args = [
+                        b"PUBLISH".to_vec(),
+                        channel.clone().into_bytes(),
+                        token.clone().into_bytes(),
+                    ];
+                    let key = "health.replication.timeout";
+                    within(
+                        self.timeout,
+                        "PUBLISH",
+                        key,
+                        request(stream, &mut buf, &args),
+                    )
+                    .await?;
+                }
+                Ok::<(), String>(())
+            };
+            if let Err(e) = sent.await {
+                debug!(member = member.id(), error = %e, "replication token not published");
+                conn = None;
+                buf.clear();
+            }
+        }
+    }
+
+    /// Subscribes to every channel and records the tokens of this proxy that arrive;
+    /// reconnects after `retry` when the connection fails.
+    async fn subscribe(self, shutdown: CancellationToken) {
+        let member = self.members.get(self.idx);
+        loop {
+            let listened = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.listen() => r,
+            };
+            if let Err(e) = listened {
+                debug!(member = member.id(), error = %e, "replication subscriber lost");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = sleep_until(Instant::now() + self.retry) => {}
+            }
+        }
+    }
+
+    async fn listen(&self) -> Result<(), String> {
+        let member = self.members.get(self.idx);
+        let mut buf = BytesMut::new();
+        let open = handshake(&member.config, &mut buf);
+        let mut conn = within(
+            self.connect_timeout,
+            "connect",
+            "health.connect_timeout",
+            open,
+        )
+        .await?;
+        let mut args = vec![b"SUBSCRIBE".to_vec()];
+        args.extend(self.channels.iter().map(|c| c.clone().into_bytes()));
+        let mut command = Vec::new();
+        crate::resp::request::encode_command(&args, &mut command);
+        tokio::io::AsyncWriteExt::write_all(&mut conn, &command)
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let frame = read_reply(&mut conn, &mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            let now = Instant::now();
+            let Ok(Some((OwnedFrame::Array(parts), _))) =
+                redis_protocol::resp2::decode::decode(&frame)
+            else {
+                return Err("unexpected reply on the subscriber connection".into());
+            };
+            if let [OwnedFrame::BulkString(kind), OwnedFrame::BulkString(channel), OwnedFrame::BulkString(payload)] =
+                &parts[..]
+            {
+                if kind != b"message" {
+                    continue;
+                }
+                let shard = self
+                    .channels
+                    .iter()
+                    .position(|c| c.as_bytes() == &channel[..]);
+                if let (Some(shard), Some((from, round))) = (shard, self.token(payload)) {
+                    self.matrix.received(from, self.idx, shard, round, now);
+                }
+            }
+        }
+    }
+
+    /// `(from, round)` of a token this proxy published; `None` for anyone else's.
+    fn token(&self, payload: &[u8]) -> Option<(MemberIdx, u64)> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut words = text.split(' ');
+        if words.next()? != crate::instance_id() {
+            return None;
+        }
+        let from = words.next()?;
+        let from = self.members.list.iter().position(|m| m.id() == from)?;
+        let round = words.next()?.parse().ok()?;
+        Some((from, round))
+    }
+}
+
+/// The tokens sent and received, and the lag matrix they give.
+pub struct Matrix {
+    ids: Vec<String>,
+    shards: usize,
+    tolerance: Duration,
+    inner: Mutex<Tokens>,
+}
+
+/// The newest round received on one shard, and when.
+type Newest = Option<(u64, Instant)>;
+
+struct Tokens {
+    /// When each recent round started (every member's token of the round is due then).
+    rounds: VecDeque<(u64, Instant)>,
+    /// `[from][to][shard]`: the newest round received, and when.
+    received: Vec<Vec<Vec<Newest>>>,
+    /// The last measure, for `/v1/status`.
+    lags: Vec<Vec<Option<Duration>>>,
+}
+
+/// The lag matrix as `/v1/status` shows it.
+#[derive(serde::Serialize)]
+pub struct MatrixView {
+    pub tolerance_seconds: f64,
+    /// `lag_seconds[from][to]`; absent until measured.
+    pub lag_seconds: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+impl Matrix {
+    pub fn new(ids: Vec<String>, shards: u16, tolerance: Duration) -> Matrix {
+        let n = ids.len();
+        let shards = usize::from(shards.max(1));
+        Matrix {
+            ids,
+            shards,
+            tolerance,
+            inner: Mutex::new(Tokens {
+                rounds: VecDeque::new(),
+                received: vec![vec![vec![None; shards]; n]; n],
+                lags: vec![vec![None; n]; n],
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tokens> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn start_round(&self, round: u64, now: Instant) {
+        let mut t = self.lock();
+        if t.rounds.len() == ROUNDS_KEPT {
+            t.rounds.pop_front();
+        }
+        t.rounds.push_back((round, now));
+    }
+
+    pub fn received(&self, from: MemberIdx, to: MemberIdx, shard: usize, round: u64, now: Instant) {
+        let mut t = self.lock();
+        let cell = &mut t.received[from][to][shard];
+        if cell.is_none_or(|(r, _)| round > r) {
+            *cell = Some((round, now));
+        }
+    }
+
+    /// The lag of every pair at `now` (`None`: no round started yet).
+    pub fn measure(&self, now: Instant) -> Vec<Vec<Option<Duration>>> {
+        let mut t = self.lock();
+        let n = self.ids.len();
+        let mut lags = vec![vec![None; n]; n];
+        if let Some(&(latest, started)) = t.rounds.back() {
+            for (from, row) in lags.iter_mut().enumerate() {
+                for (to, lag) in row.iter_mut().enumerate() {
+                    let shards = &t.received[from][to];
+                    let worst = shards.iter().map(|cell| match *cell {
+                        // The last round arrived: its delay.
+                        Some((r, at)) if r >= latest => at.saturating_duration_since(started),
+                        // Else: the age of the oldest round not received.
+                        other => {
+                            let next = other.map_or(0, |(r, _)| r + 1);
+                            let since = t
+                                .rounds
+                                .iter()
+                                .find(|(r, _)| *r >= next)
+                                .map_or(started, |(_, at)| *at);
+                            now.saturating_duration_since(since)
+                        }
+                    });
+                    *lag = worst.max();
+                }
+            }
+        }
+        debug_assert!(self.shards > 0);
+        t.lags = lags.clone();
+        lags
+    }
+
+    pub fn view(&self) -> MatrixView {
+        let t = self.lock();
+        let mut lag_seconds = BTreeMap::new();
+        for (from, row) in t.lags.iter().enumerate() {
+            for (to, lag) in row.iter().enumerate() {
+                if let (true, Some(lag)) = (from != to, lag) {
+                    lag_seconds
+                        .entry(self.ids[from].clone())
+                        .or_insert_with(BTreeMap::new)
+                        .insert(self.ids[to].clone(), lag.as_secs_f64());
+                }
+            }
+        }
+        MatrixView {
+            tolerance_seconds: self.tolerance.as_secs_f64(),
+            lag_seconds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn matrix() -> Matrix {
+        Matrix::new(vec!["a".into(), "b".into()], 2, 100 * MS)
+    }
+
+    #[test]
+    fn a_pair_lags_by_the_delay_of_its_last_token() {
+        let m = matrix();
+        let t0 = Instant::now();
+        m.start_round(1, t0);
+        m.received(0, 1, 0, 1, t0 + 20 * MS);
+        m.received(0, 1, 1, 1, t0 + 30 * MS);
+        let lags = m.measure(t0 + 1000 * MS);
+        assert_eq!(lags[0][1], Some(30 * MS), "the slower shard counts");
+        // b -> a: nothing received: the round's age.
+        assert_eq!(lags[1][0], Some(1000 * MS));
+    }
+
+    #[test]
+    fn a_cut_link_lags_more_every_round() {
+        let m = matrix();
+        let t0 = Instant::now();
+        m.start_round(1, t0);
+        for shard in 0..2 {
+            m.received(0, 1, shard, 1, t0 + 5 * MS);
+        }
+        // Cut: rounds 2..=4 never arrive at b.
+        for r in 2..=4 {
+            m.start_round(r, t0 + (r as u32 - 1) * 1000 * MS);
+        }
+        let lags = m.measure(t0 + 4000 * MS);
+        assert_eq!(lags[0][1], Some(3000 * MS), "since round 2 began");
+        // Healed: round 5 arrives, the lag is its delay again.
+        m.start_round(5, t0 + 4000 * MS);
+        for shard in 0..2 {
+            m.received(0, 1, shard, 5, t0 + 4010 * MS);
+        }
+        assert_eq!(m.measure(t0 + 5000 * MS)[0][1], Some(10 * MS));
+        let view = m.view();
+        assert_eq!(view.lag_seconds["a"]["b"], 0.01);
+    }
+
+    #[test]
+    fn a_late_old_token_does_not_hide_a_new_delay() {
+        let m = matrix();
+        let t0 = Instant::now();
+        m.start_round(1, t0);
+        m.start_round(2, t0 + 1000 * MS);
+        for shard in 0..2 {
+            m.received(0, 1, shard, 2, t0 + 1001 * MS);
+            m.received(0, 1, shard, 1, t0 + 1500 * MS); // older, later: ignored
+        }
+        assert_eq!(m.measure(t0 + 2000 * MS)[0][1], Some(MS));
+    }
+}
