@@ -244,10 +244,18 @@ impl Link {
         tokio::io::AsyncWriteExt::write_all(&mut conn, &command)
             .await
             .map_err(|e| e.to_string())?;
+        // Every round publishes on every member, its own included: a subscriber that hears
+        // nothing for three rounds is on a dead connection (a partition that holds it open).
+        let silence = self.retry * 3 + self.timeout;
         loop {
-            let frame = read_reply(&mut conn, &mut buf)
-                .await
-                .map_err(|e| e.to_string())?;
+            let read = read_reply(&mut conn, &mut buf);
+            let frame = within(
+                silence,
+                "subscriber",
+                "3 x health.replication.interval",
+                async { read.await.map_err(|e| e.to_string()) },
+            )
+            .await?;
             let now = Instant::now();
             let Ok(Some((OwnedFrame::Array(parts), _))) =
                 redis_protocol::resp2::decode::decode(&frame)

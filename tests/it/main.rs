@@ -2,6 +2,7 @@
 //! real client (redis-rs) or raw RESP bytes at the edge. Shared fixtures in `support`.
 
 mod binary;
+mod checks;
 mod commands;
 mod decisions;
 mod differential;

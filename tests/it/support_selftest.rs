@@ -243,3 +243,46 @@ async fn eventually_returns_once_true() {
 async fn eventually_panics_on_timeout() {
     eventually(Duration::from_millis(100), "never", || async { false }).await;
 }
+
+/// Reads from `conn` until the bytes read contain `want` (2 s at most).
+async fn read_until_contains(conn: &mut TcpStream, want: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !got.windows(want.len()).any(|w| w == want) {
+        let mut chunk = [0u8; 512];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, conn.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            _ => panic!(
+                "no {:?} in {:?}",
+                String::from_utf8_lossy(want),
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_forwards_once_and_honours_cuts() {
+    use crate::support::bridge::Bridge;
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let bridge = Bridge::start(&[a.addr(), b.addr()]).await;
+    let mut sub = TcpStream::connect(b.addr()).await.unwrap();
+    sub.write_all(b"SUBSCRIBE geoproxy:x\r\n").await.unwrap();
+    read_until_contains(&mut sub, b":1\r\n").await;
+    a.query(&["PUBLISH", "geoproxy:x", "one"]);
+    read_until_contains(&mut sub, b"one").await;
+    // Once: the copy on b is not sent back to a (and again to b).
+    bridge.cut(0, 1, true);
+    a.query(&["PUBLISH", "geoproxy:x", "two"]);
+    a.query(&["PUBLISH", "geoproxy:x", "three"]);
+    bridge.cut(0, 1, false);
+    a.query(&["PUBLISH", "geoproxy:x", "four"]);
+    let got = read_until_contains(&mut sub, b"four").await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        !text.contains("two") && !text.contains("three") && !text.contains("one"),
+        "{text}"
+    );
+}

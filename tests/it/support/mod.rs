@@ -5,10 +5,12 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod bridge;
 pub mod diff;
 pub mod proxy;
 pub mod redis_server;
 pub mod relay;
+pub mod rest_api;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -38,6 +38,8 @@ pub struct Options {
     pub extra_health: &'static str,
     pub extra_failover: &'static str,
     pub extra_admin: &'static str,
+    /// Each member's Redis Software REST API (`api`, with `bdb = 1`), by position.
+    pub apis: Vec<String>,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             extra_health: "",
             extra_failover: "",
             extra_admin: "",
+            apis: Vec::new(),
         }
     }
 }
@@ -114,10 +117,13 @@ retry_reads = {retry_reads}
         extra_failover = o.extra_failover,
         extra_admin = o.extra_admin,
     );
-    for (id, addr) in members {
+    for (i, (id, addr)) in members.iter().enumerate() {
         t.push_str(&format!(
             "\n[[members]]\nid = \"{id}\"\naddress = \"{addr}\"\nregion = \"{id}\"\n"
         ));
+        if let Some(api) = o.apis.get(i) {
+            t.push_str(&format!("api = \"{api}\"\nbdb = 1\n"));
+        }
         if let Some(p) = o.password {
             t.push_str(&format!("password = \"{p}\"\n"));
         }
