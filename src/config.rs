@@ -1266,6 +1266,127 @@ mod tests {
     }
 
     #[test]
+    fn every_check_kind_is_configured_with_its_own_timing() {
+        let text = format!(
+            "{}\n{}",
+            MINIMAL
+                .replace(
+                    "region = \"us-east\"",
+                    "region = \"us-east\"\napi = \"https://a:9443\"\nbdb = 1"
+                )
+                .replace(
+                    "region = \"eu-west\"",
+                    "region = \"eu-west\"\napi = \"https://b:9443\"\nbdb = 1"
+                ),
+            r#"
+            [health]
+            policy = "majority"
+            interval = "2s"
+            [health.ping]
+            echo = true
+            [health.keyspace]
+            shards = 3
+            interval = "5s"
+            [health.availability]
+            username = "u"
+            password = "p"
+            lag = true
+            lag_tolerance = "250ms"
+            [health.replication]
+            tolerance = "3s"
+            role = "health"
+            [[health.custom]]
+            name = "role"
+            commands = [["ROLE"]]
+            expect = ["master*"]
+            [[health.custom]]
+            name = "script"
+            program = ["/bin/true"]
+            fall = 5
+            "#
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let h = &c.health;
+        assert_eq!(h.policy, Policy::Majority);
+        assert!(h.ping.echo);
+        let k = h.keyspace.as_ref().unwrap();
+        assert_eq!((k.shards, k.timing.interval), (3, Duration::from_secs(5)));
+        let a = h.availability.as_ref().unwrap();
+        assert_eq!(
+            (a.timing.role, a.timing.interval),
+            (Role::Health, Duration::from_secs(2))
+        );
+        assert_eq!(a.timing.timeout, DEFAULT_SLOW_CHECK_TIMEOUT);
+        let lag = a.lag.as_ref().unwrap();
+        assert_eq!(
+            (lag.timing.role, lag.tolerance),
+            (Role::Sync, Duration::from_millis(250))
+        );
+        let r = h.replication.as_ref().unwrap();
+        assert_eq!(
+            r.timing.role,
+            Role::Health,
+            "a sync check can count as health"
+        );
+        assert_eq!(h.custom.len(), 2);
+        assert_eq!(h.custom[1].timing.fall, 5);
+        assert_eq!(h.custom[0].timing.fall, DEFAULT_RISE_FALL);
+        let names: Vec<_> = crate::health::plan(h).into_iter().map(|s| s.name).collect();
+        let want = [
+            "ping",
+            "keyspace",
+            "availability",
+            "lag",
+            "replication",
+            "role",
+            "script",
+        ];
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn bad_checks_name_their_keys() {
+        let text = format!(
+            "{MINIMAL}\n{}",
+            r#"
+            [health.keyspace]
+            shards = 0
+            [health.availability]
+            password = "p"
+            password_env = "GEOPROXY_TEST_UNSET_VARIABLE"
+            [health.ping]
+            role = "sync"
+            [[health.custom]]
+            name = "ping"
+            program = ["x"]
+            [[health.custom]]
+            name = "both"
+            program = ["x"]
+            commands = [["PING"]]
+            expect = ["PONG"]
+            [[health.custom]]
+            name = "uneven"
+            commands = [["PING"], ["PING"]]
+            expect = ["PONG"]
+            rise = 0
+            "#
+        );
+        let p = problems(&text).join("\n");
+        for key in [
+            "health.keyspace.shards",
+            "members[0]: [health.availability] needs every member's api and bdb",
+            "health.availability: set one of password, password_file and password_env",
+            "health.ping.role",
+            "health.custom[0].name: \"ping\" is already a check's name",
+            "health.custom[1]: set either commands",
+            "health.custom[2]: set either commands",
+            "health.custom[2].rise",
+        ] {
+            assert!(p.contains(key), "no problem names {key}:\n{p}");
+        }
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let text = MINIMAL.replace(
             "region = \"us-east\"",

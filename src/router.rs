@@ -568,6 +568,71 @@ mod tests {
         assert_eq!(got, [Some(0), Some(1), Some(1)]);
     }
 
+    /// Decides `members` as `(state, seconds up, synced)` at `t0 + at`.
+    fn synced_views(t0: Instant, at: u64, members: &[(State, u64, bool)]) -> Vec<MemberView> {
+        let plain: Vec<(State, u64)> = members.iter().map(|&(s, b, _)| (s, b)).collect();
+        let mut v = views(t0, at, &plain);
+        for (view, &(_, _, synced)) in v.iter_mut().zip(members) {
+            view.synced = synced;
+        }
+        v
+    }
+
+    #[test]
+    fn failback_waits_for_sync_and_the_gate_says_why() {
+        let t0 = Instant::now() + Duration::from_secs(1000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut r = router(Failback::Auto);
+        r.decide(
+            &synced_views(t0, 0, &[(Up, 0, true), (Up, 0, true), (Up, 0, true)]),
+            at(0),
+        );
+        r.decide(
+            &synced_views(t0, 5, &[(Down, 0, false), (Up, 5, true), (Up, 5, true)]),
+            at(5),
+        );
+        assert_eq!(r.active(), Some(1));
+        // 0 is back: first its hold, then (settled) its sync holds the failback.
+        let v = synced_views(t0, 10, &[(Up, 0, false), (Up, 10, true), (Up, 10, true)]);
+        r.decide(&v, at(10));
+        assert!(matches!(r.gate(&v, at(10)), Some((0, Gate::Hold { .. }))));
+        let v = synced_views(
+            t0,
+            100,
+            &[(Up, 90, false), (Up, 100, true), (Up, 100, true)],
+        );
+        let d = r.decide(&v, at(100));
+        assert_eq!(
+            (r.active(), d.wake_at),
+            (Some(1), None),
+            "no wake for a sync gate"
+        );
+        assert_eq!(r.gate(&v, at(100)), Some((0, Gate::Sync)));
+        let v = synced_views(t0, 101, &[(Up, 91, true), (Up, 101, true), (Up, 101, true)]);
+        r.decide(&v, at(101));
+        assert_eq!((r.active(), r.gate(&v, at(101))), (Some(0), None));
+    }
+
+    #[test]
+    fn failover_prefers_a_synced_member() {
+        let got = |synced1: bool, synced2: bool| {
+            let t0 = Instant::now() + Duration::from_secs(1000);
+            let mut r = router(Failback::Auto);
+            let members = [(Up, 0, true), (Up, 0, synced1), (Up, 0, synced2)];
+            r.decide(&synced_views(t0, 0, &members), t0);
+            let members = [(Down, 0, true), (Up, 100, synced1), (Up, 100, synced2)];
+            r.decide(
+                &synced_views(t0, 100, &members),
+                t0 + Duration::from_secs(100),
+            );
+            r.active()
+        };
+        assert_eq!(got(true, true), Some(1));
+        assert_eq!(got(false, true), Some(2));
+        // None synced: the first settled one still beats none.
+        assert_eq!(got(false, false), Some(1));
+    }
+
     #[test]
     fn all_down_then_recovery() {
         let got = script(
