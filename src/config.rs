@@ -190,17 +190,12 @@ pub struct HealthConfig {
     pub availability: Option<AvailabilityConfig>,
     pub replication: Option<ReplicationConfig>,
     pub custom: Vec<CustomConfig>,
-    pub interval: Duration,
-    /// The PING of a check, once connected.
-    pub timeout: Duration,
     /// The handshake of a check's fresh connection: TCP connect and AUTH.
     pub connect_timeout: Duration,
     /// Time to the next check after a failed one, while the member is still up.
     pub fast_interval: Duration,
     /// How often the check connection is opened anew.
     pub reconnect_interval: Duration,
-    pub rise: u32,
-    pub fall: u32,
     pub errors: ErrorWindowConfig,
 }
 
@@ -873,13 +868,9 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             availability: checks.availability,
             replication: checks.replication,
             custom: checks.custom,
-            interval,
-            timeout,
             connect_timeout: check_connect_timeout,
             fast_interval,
             reconnect_interval,
-            rise,
-            fall,
             errors: ErrorWindowConfig {
                 window: error_window,
                 min_count: error_min_count,
@@ -1208,7 +1199,7 @@ mod tests {
     fn minimal_file_gets_defaults() {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(c.members.len(), 2);
-        assert_eq!(c.health.rise, DEFAULT_RISE_FALL);
+        assert_eq!(c.health.ping.timing.rise, DEFAULT_RISE_FALL);
         assert_eq!(c.failover.failback, Failback::Auto);
         assert_eq!(c.failover.failback_after, DEFAULT_FAILBACK_AFTER);
         assert_eq!(c.proxy.max_clients, DEFAULT_MAX_CLIENTS);

@@ -176,7 +176,7 @@ impl Server {
             reply_timeout: config.proxy.reply_timeout,
             unavailable_timeout: config.proxy.unavailable_timeout,
             connect_timeout: config.proxy.connect_timeout,
-            probe_timeout: config.health.connect_timeout + config.health.timeout,
+            probe_timeout: config.health.connect_timeout + config.health.ping.timing.timeout,
             oom_refuses: config.health.errors.oom,
             retry_reads: config.failover.retry_reads,
             client_idle_timeout: config.proxy.client_idle_timeout,
