@@ -120,6 +120,10 @@ impl Server {
             Instant::now(),
         );
         metrics.init_members(members.list.iter().map(|m| m.id()));
+        for m in &members.list {
+            metrics.member_synced(m.id(), m.status().synced);
+            metrics.failback_held(m.id(), None);
+        }
         let (route_tx, route_rx) = watch::channel(Route::default());
         let serving = Arc::new(AtomicBool::new(true));
         let (switchover_tx, switchovers) = mpsc::channel(4);
@@ -324,9 +328,7 @@ fn spawn_checks(
                 "health.availability.verify_tls is off: the REST API's certificate is not verified"
             );
         }
-        if let Err(e) = health::check::spawn(tasks, members, health, metrics, stop) {
-            tracing::error!(error = %e, "cannot start the health checks");
-        }
+        health::check::spawn(tasks, members, health, metrics, stop);
         for idx in 0..members.len() {
             let passive = Passive {
                 members: members.clone(),

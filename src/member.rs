@@ -104,6 +104,8 @@ pub struct Status {
 struct Record {
     verdicts: Verdicts,
     since: Instant,
+    /// Why the member went down, as it was when it went (kept while it is down).
+    cause: Option<Cause>,
     /// What forced the member down (a confirmed signal, a tripped error window).
     forced_because: Option<String>,
 }
@@ -161,7 +163,7 @@ impl Member {
         Status {
             state,
             since: r.since,
-            cause: (state == State::Down).then(|| v.cause()),
+            cause: r.cause.filter(|_| state == State::Down),
             synced: v.synced(),
             unsynced_because: v.unsynced_because(),
             last_error: r.forced_because.clone().or(failing),
@@ -199,6 +201,7 @@ impl Member {
     fn settle(&self, r: &mut Record, change: Change, now: Instant) -> Change {
         if let Some(flip) = change.flip {
             r.since = now;
+            r.cause = (flip.to == State::Down).then(|| r.verdicts.cause());
             if flip.to == State::Up {
                 r.forced_because = None;
             }
@@ -244,6 +247,7 @@ impl Members {
                 record: Mutex::new(Record {
                     verdicts: Verdicts::new(policy, slots.to_vec()),
                     since: now,
+                    cause: None,
                     forced_because: None,
                 }),
                 evidence: Evidence::default(),

@@ -158,14 +158,15 @@ pub fn plan(config: &HealthConfig) -> Vec<Slot> {
 }
 
 /// Starts the checkers of every member's checks (all but replication, which is one task
-/// for all members).
+/// for all members). A check that cannot start (an HTTPS client that cannot be built) is
+/// logged and left out; the member's verdict then never counts it as passed.
 pub fn spawn(
     tasks: &TaskTracker,
     members: &Arc<Members>,
     config: &HealthConfig,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) {
     let slots = plan(config);
     for idx in 0..members.len() {
         for (slot, s) in slots.iter().enumerate() {
@@ -190,16 +191,22 @@ pub fn spawn(
                     let check = KeyspaceCheck::new(config, k);
                     tasks.spawn(new(k.timing).with(check).run(stop));
                 }
-                Kind::Availability => {
+                Kind::Availability | Kind::Lag => {
                     let a = config.availability.as_ref().expect("planned");
-                    let check = AvailabilityCheck::new(a, false)?;
-                    tasks.spawn(new(a.timing).with(check).run(stop));
-                }
-                Kind::Lag => {
-                    let a = config.availability.as_ref().expect("planned");
-                    let lag = a.lag.as_ref().expect("planned");
-                    let check = AvailabilityCheck::new(a, true)?;
-                    tasks.spawn(new(lag.timing).with(check).run(stop));
+                    let lag = s.kind == Kind::Lag;
+                    let timing = a
+                        .lag
+                        .as_ref()
+                        .filter(|_| lag)
+                        .map_or(a.timing, |l| l.timing);
+                    match AvailabilityCheck::new(a, lag) {
+                        Ok(check) => {
+                            tasks.spawn(new(timing).with(check).run(stop));
+                        }
+                        Err(e) => {
+                            tracing::error!(check = %s.name, error = %e, "cannot start a check")
+                        }
+                    }
                 }
                 Kind::Custom => {
                     let c = config.custom.iter().find(|c| c.name == s.name);
@@ -211,7 +218,6 @@ pub fn spawn(
             }
         }
     }
-    Ok(())
 }
 
 /// A checker without its check yet.

@@ -117,7 +117,11 @@ impl Replication {
                 .flat_map(|n| [(n, m, "from", n), (m, n, "to", n)]);
             let mut worst: Option<(Duration, &str, usize)> = None;
             let mut unmeasured = false;
+            let mut never: Option<(&str, usize)> = None;
             for (from, to, direction, other) in pairs {
+                if !self.matrix.ever_received(from, to) {
+                    never = never.or(Some((direction, other)));
+                }
                 match lags[from][to] {
                     Some(lag) if worst.is_none_or(|(w, _, _)| lag > w) => {
                         worst = Some((lag, direction, other))
@@ -129,13 +133,20 @@ impl Replication {
             if unmeasured {
                 continue; // the first round: nothing to judge yet
             }
-            let result = match worst {
-                Some((lag, direction, other)) if lag > self.config.tolerance => Err(format!(
-                    "replication {direction} {}: {:.1} s behind (tolerance {:?})",
-                    ids[other],
-                    lag.as_secs_f64(),
-                    self.config.tolerance
+            let result = match (never, worst) {
+                // A round had a whole interval to arrive: a pair that never got one is cut.
+                (Some((direction, other)), _) => Err(format!(
+                    "replication {direction} {}: no token received yet",
+                    ids[other]
                 )),
+                (None, Some((lag, direction, other))) if lag > self.config.tolerance => {
+                    Err(format!(
+                        "replication {direction} {}: {:.1} s behind (tolerance {:?})",
+                        ids[other],
+                        lag.as_secs_f64(),
+                        self.config.tolerance
+                    ))
+                }
                 _ => Ok(()),
             };
             let member = self.members.get(m);
@@ -387,6 +398,11 @@ impl Matrix {
         debug_assert!(self.shards > 0);
         t.lags = lags.clone();
         lags
+    }
+
+    /// Has `to` received a token from `from` on every shard?
+    pub fn ever_received(&self, from: MemberIdx, to: MemberIdx) -> bool {
+        self.lock().received[from][to].iter().all(Option::is_some)
     }
 
     pub fn view(&self) -> MatrixView {

@@ -277,6 +277,12 @@ async fn bridge_forwards_once_and_honours_cuts() {
     bridge.cut(0, 1, true);
     a.query(&["PUBLISH", "geoproxy:x", "two"]);
     a.query(&["PUBLISH", "geoproxy:x", "three"]);
+    eventually(
+        Duration::from_secs(2),
+        "the bridge saw three messages",
+        || async { bridge.seen() == 3 },
+    )
+    .await;
     bridge.cut(0, 1, false);
     a.query(&["PUBLISH", "geoproxy:x", "four"]);
     let got = read_until_contains(&mut sub, b"four").await;

@@ -103,6 +103,11 @@ impl Bridge {
         self.shared.lock().unwrap().directions[from][to].cut = cut;
     }
 
+    /// Messages seen so far (each once, wherever it first appeared).
+    pub fn seen(&self) -> usize {
+        self.shared.lock().unwrap().seen.len()
+    }
+
     /// Delays messages from `from` to `to`.
     pub fn delay(&self, from: usize, to: usize, delay: Duration) {
         self.shared.lock().unwrap().directions[from][to].delay = delay;
