@@ -10,12 +10,19 @@ runs on, and prints one Markdown table row per scenario and proxy.
     python3 benches/failover.py --scenarios kill,stop --proxies geoproxy
     python3 benches/failover.py --list                 # the scenarios
 
-Python 3 standard library only. Needs redis-server (7.x) and haproxy on PATH and the
-geoproxy binary (target/release/geoproxy, or GEOPROXY_BIN). Every process it starts is in
-its own process group and is killed when the run ends, whatever happens.
+The check scenarios (availability-503, availability-lag, replication-cut, keyspace-oom,
+custom-fail, majority-one-failing) run geoproxy only: they drive geoproxy's own check kinds
+(a Redis Software REST API and an Active-Active pub/sub bridge are played here), which the
+reference HAProxy configuration has no equivalent of.
+
+Python 3 standard library only. Needs redis-server (7.x) and haproxy on PATH, openssl for
+the availability scenarios (a self-signed certificate), and the geoproxy binary
+(target/release/geoproxy, or GEOPROXY_BIN). Every process it starts is in its own process
+group and is killed when the run ends, whatever happens.
 """
 import argparse
 import asyncio
+import base64
 import collections
 import dataclasses
 import json
@@ -23,9 +30,11 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -143,6 +152,21 @@ async def redis_cmd(port, *args, timeout=1.0):
 def bulk_text(reply):
     """Payload of a bulk reply as text."""
     return reply.split(b"\r\n", 1)[1].rsplit(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def array_items(reply):
+    """Elements of a flat RESP2 array reply: bulk strings as bytes, the others as their line."""
+    items, i = [], reply.index(b"\r\n") + 2
+    while i < len(reply):
+        j = reply.index(b"\r\n", i)
+        if reply[i:i + 1] == b"$" and int(reply[i + 1:j]) >= 0:
+            n = int(reply[i + 1:j])
+            items.append(reply[j + 2:j + 2 + n])
+            i = j + 2 + n + 2
+        else:
+            items.append(reply[i:j])
+            i = j + 2
+    return items
 
 
 async def http_get(port, path, timeout=1.0):
@@ -367,6 +391,157 @@ class RelayControl:
 
 
 # ---------------------------------------------------------------------------------------
+# Stand-ins for Redis Software: the REST API's availability requests, and Active-Active
+# replication of pub/sub (both in this process's event loop: a few requests a second)
+# ---------------------------------------------------------------------------------------
+
+API_USER, API_PASSWORD, API_BDB = "geoproxy@example.com", "api-s3cret", 1
+API_PATH = "/v1/local/bdbs/%d/endpoint/availability" % API_BDB
+HTTP_REASONS = {200: b"OK", 401: b"Unauthorized", 404: b"Not Found",
+                405: b"Method Not Allowed", 503: b"Service Unavailable"}
+API_DESCRIPTIONS = {
+    "bdb_endpoint_unavailable": "The endpoint is not available on this node",
+    "bdb_unavailable": "The database is not available",
+    "bdb_unavailable_lag": "The database's replication lag exceeds the tolerance",
+}
+
+
+def self_signed_cert(d):
+    """A server context for 127.0.0.1 with a self-signed certificate made by openssl in d."""
+    key, cert = os.path.join(d, "api-key.pem"), os.path.join(d, "api-cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class RestApi:
+    """One member's Redis Software REST API, as far as the availability check goes: HTTPS,
+    Basic auth, GET API_PATH answers 200, or 503 with {"error_code", "description"}; with
+    ?extend_check=lag (the lag-aware request) it answers `lag` instead of `plain`. Anything
+    else: 401 (wrong credentials) or 404. HTTP/1.1 with keep-alive."""
+
+    def __init__(self):
+        self.plain = self.lag = None  # None: 200, else the error_code of a 503
+        self.requests = collections.Counter()  # "plain" / "lag" -> count
+        self.server = None
+
+    async def start(self, ctx):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0, ssl=ctx)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = "https://127.0.0.1:%d" % self.port
+        return self
+
+    def close(self):
+        if self.server is not None:
+            self.server.close()
+
+    def answer(self, path, headers):
+        auth = "Basic " + base64.b64encode(("%s:%s" % (API_USER, API_PASSWORD)).encode()).decode()
+        if headers.get("authorization") != auth:
+            return 401, {"error_code": "unauthorized", "description": "wrong credentials"}
+        route, _, query = path.partition("?")
+        if route != API_PATH:
+            return 404, {"error_code": "not_found", "description": route}
+        kind = "lag" if "extend_check=lag" in query else "plain"
+        self.requests[kind] += 1
+        code = self.lag if kind == "lag" else self.plain
+        if code is None:
+            return 200, {}
+        return 503, {"error_code": code, "description": API_DESCRIPTIONS.get(code, code)}
+
+    async def handle(self, r, w):
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                lines = head.decode(errors="replace").split("\r\n")
+                method, path = (lines[0].split() + ["", ""])[:2]
+                headers = dict((k.strip().lower(), v.strip()) for k, _, v in
+                               (l.partition(":") for l in lines[1:] if l))
+                n = int(headers.get("content-length", "0"))
+                if n:
+                    await r.readexactly(n)
+                status, body = self.answer(path, headers) if method == "GET" else (405, {})
+                body = json.dumps(body).encode()
+                w.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (
+                            status, HTTP_REASONS[status], len(body), body))
+                await w.drain()
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ssl.SSLError):
+            pass
+        finally:
+            w.close()
+
+
+class Bridge:
+    """Active-Active replication of pub/sub, played between plain redis-server members:
+    PSUBSCRIBE geoproxy:* on each member, and each message first seen on one member is
+    PUBLISHed on the other, unless that direction is cut (then it is dropped). Its copy,
+    when it comes back on the subscription, is recognized and not sent back."""
+
+    def __init__(self, ports):
+        self.ports = ports  # {member id: port}
+        self.cut = set()    # (from, to) directions that forward nothing
+        self.pending = {m: set() for m in ports}  # (channel, payload) forwarded to m, not seen yet
+        self.forwarded, self.dropped = collections.Counter(), collections.Counter()
+        self.writers, self.tasks = {}, []
+
+    async def start(self):
+        for m, port in self.ports.items():
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(resp("PSUBSCRIBE", "geoproxy:*"))
+            await asyncio.wait_for(read_reply(r), 2)  # subscribed before the proxy starts
+            pr, pw = await asyncio.open_connection("127.0.0.1", port)
+            self.writers[m] = [w, pw]
+            self.tasks += [asyncio.ensure_future(self.listen(m, r)),
+                           asyncio.ensure_future(self.discard(pr))]
+        return self
+
+    async def listen(self, m, r):
+        try:
+            while True:
+                items = array_items(await read_reply(r))
+                if len(items) != 4 or items[0] != b"pmessage":
+                    continue
+                key = (items[2], items[3])
+                if key in self.pending[m]:  # our own copy
+                    self.pending[m].discard(key)
+                    continue
+                for to in self.ports:
+                    if to == m:
+                        continue
+                    if (m, to) in self.cut:
+                        self.dropped[m, to] += 1
+                        continue
+                    self.pending[to].add(key)
+                    self.forwarded[m, to] += 1
+                    self.writers[to][1].write(resp("PUBLISH", *key))
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+            pass
+
+    async def discard(self, r):
+        """The publishing connection's replies (subscriber counts)."""
+        try:
+            while await read_reply(r):
+                pass
+        except (OSError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    async def stop(self):
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.wait(self.tasks, timeout=5)
+        for ws in self.writers.values():
+            for w in ws:
+                w.close()
+
+
+# ---------------------------------------------------------------------------------------
 # Members and proxies
 # ---------------------------------------------------------------------------------------
 
@@ -382,8 +557,11 @@ async def start_redis(port, d, name):
     return p
 
 
-def geoproxy_config(args, listen, admin, a_addr, b_addr):
-    """The settings this tool changes from geoproxy's defaults, and the TOML it writes."""
+def geoproxy_config(args, listen, admin, a_addr, b_addr, checks="", apis=None):
+    """The settings this tool changes from geoproxy's defaults, and the TOML it writes.
+    checks: more of [health] (keys, then check tables); apis: each member's REST API URL."""
+    api = ["", ""] if apis is None else [
+        'api = "%s"\nbdb = %d\n' % (url, API_BDB) for url in apis]
     return """\
 [proxy]
 listen = "127.0.0.1:%d"
@@ -397,22 +575,23 @@ listen = "127.0.0.1:%d"
 id = "a"
 address = "127.0.0.1:%d"
 region = "region-a"
-
+%s
 [[members]]
 id = "b"
 address = "127.0.0.1:%d"
 region = "region-b"
-
+%s
 [health]
 interval = "1s"
 timeout = "500ms"
 rise = 2
 fall = 2
-
+%s
 [failover]
 failback = "auto"
 failback_after = "%s"
-""" % (listen, args.reply_timeout, admin, a_addr, b_addr, args.failback_after)
+""" % (listen, args.reply_timeout, admin, a_addr, api[0], b_addr, api[1],
+       checks and "\n" + checks, args.failback_after)
 
 
 def haproxy_config(args, listen, sock, a_addr, b_addr, maxconn):
@@ -440,12 +619,13 @@ backend be_redis
 
 class GeoProxy:
     name = "geoproxy"
+    last_status = None  # the last /v1/status read by observe()
 
-    async def start(self, args, d, a_addr, b_addr, nclients):
+    async def start(self, args, d, a_addr, b_addr, nclients, checks="", apis=None):
         self.port, self.admin = free_ports(2)
         cfg = os.path.join(d, "geoproxy.toml")
         with open(cfg, "w") as f:
-            f.write(geoproxy_config(args, self.port, self.admin, a_addr, b_addr))
+            f.write(geoproxy_config(args, self.port, self.admin, a_addr, b_addr, checks, apis))
         self.log = os.path.join(d, "geoproxy.log")
         self.proc = spawn([args.geoproxy_bin, "--config", cfg], self.log)
 
@@ -456,12 +636,15 @@ class GeoProxy:
             return code == 200
         if not await wait_until(ready, 15):
             raise RuntimeError("geoproxy not ready after 15 s:\n" + tail(self.log))
-        # Wait (bounded) until it routes to A, the preferred member.
-        st = await wait_until(self._active_is_a, 10)
+        # Wait (bounded) until it routes to A, the preferred member, and A is synced (its
+        # sync checks, if any, pass: a fault must find A fully healthy).
+        st = await wait_until(self._active_is_a, 15)
         self.started_on = "a" if st else (await self.status() or {}).get("active_member")
 
     async def _active_is_a(self):
-        return (await self.status() or {}).get("active_member") == "a"
+        st = await self.status() or {}
+        a = next((m for m in st.get("members", []) if m["id"] == "a"), {})
+        return st.get("active_member") == "a" and a.get("synced", True)
 
     async def status(self):
         try:
@@ -475,7 +658,12 @@ class GeoProxy:
         st = await self.status()
         if st is None:
             return None
+        self.last_status = st
         return st.get("active_member"), {m["id"]: m["state"] for m in st["members"]}
+
+    async def history(self):
+        """The last switches ({at (Unix time), from, to, reason}), oldest first."""
+        return (await self.status() or {}).get("switches")
 
     async def switches(self):
         """{(from, to, reason): count} from /metrics."""
@@ -491,7 +679,8 @@ class GeoProxy:
 class HAProxy:
     name = "haproxy"
 
-    async def start(self, args, d, a_addr, b_addr, nclients):
+    async def start(self, args, d, a_addr, b_addr, nclients, checks="", apis=None):
+        assert not checks and not apis, "geoproxy's check scenarios do not run on HAProxy"
         (self.port,) = free_ports(1)
         self.sock = os.path.join(d, "haproxy.sock")
         cfg = os.path.join(d, "haproxy.cfg")
@@ -545,6 +734,9 @@ class HAProxy:
 
     async def switches(self):
         return {}  # counted from the observations
+
+    async def history(self):
+        return None
 
 
 PROXIES = {"geoproxy": GeoProxy, "haproxy": HAProxy}
@@ -760,6 +952,109 @@ async def fault_kill_one_upstream(run):
         ids[0], victim, reply.decode().strip()))
 
 
+# --- The check scenarios (geoproxy only): each writes its checks into geoproxy's [health] --
+
+
+def toml_list(words):
+    return "[%s]" % ", ".join(json.dumps(w) for w in words)  # JSON strings are TOML strings
+
+
+def checks_availability(run, lag=False):
+    return """\
+[health.availability]
+interval = "1s"
+username = %s
+password = %s
+verify_tls = false
+%s""" % (json.dumps(API_USER), json.dumps(API_PASSWORD), "lag = true\n" if lag else "")
+
+
+def checks_availability_lag(run):
+    return checks_availability(run, lag=True)
+
+
+def checks_replication(run):
+    return '[health.replication]\ninterval = "1s"\ntolerance = "2s"\n'
+
+
+def checks_keyspace(run):
+    return '[health.keyspace]\ninterval = "1s"\n'
+
+
+def flag_path(run):
+    """The file whose presence makes the custom check fail for member A."""
+    return os.path.join(run.dir, "a-unhealthy")
+
+
+def checks_custom(run):
+    script = 'test "$GEOPROXY_MEMBER_ID" != a || test ! -e %s' % shlex.quote(flag_path(run))
+    return '[[health.custom]]\nname = "flag"\ninterval = "1s"\nprogram = %s\n' % toml_list(
+        ["sh", "-c", script])
+
+
+def checks_majority(run):
+    return 'policy = "majority"\n' + checks_keyspace(run) + checks_custom(run)
+
+
+async def after_lag(run, heal):
+    """--lag-seconds after the clear, A's sync is restored (heal()); noted as synced_t."""
+    await asyncio.sleep(run.args.lag_seconds)
+    heal()
+    run.synced_t = now()
+
+
+async def fault_api_unavailable(run):
+    api = run.apis["a"]
+    api.plain = api.lag = "bdb_endpoint_unavailable"
+
+
+async def clear_api(run):
+    api = run.apis["a"]
+    api.plain = api.lag = None
+
+
+async def clear_api_lagging(run):
+    """A's plain request answers 200 again, its lag-aware one 503 for --lag-seconds more."""
+    api = run.apis["a"]
+    api.plain, api.lag = None, "bdb_unavailable_lag"
+    run.background.append(asyncio.ensure_future(after_lag(run, lambda: setattr(api, "lag", None))))
+
+
+async def fault_stop_and_cut(run):
+    run.bridge.cut.add(("a", "b"))
+    os.kill(run.redis_a.pid, signal.SIGSTOP)
+
+
+async def clear_stop_keep_cut(run):
+    """A runs again, but what it publishes reaches B only --lag-seconds later."""
+    os.kill(run.redis_a.pid, signal.SIGCONT)
+    run.background.append(asyncio.ensure_future(
+        after_lag(run, lambda: run.bridge.cut.discard(("a", "b")))))
+
+
+async def fault_oom(run):
+    """A refuses writes (-OOM) and still answers PING."""
+    for key, value in (("maxmemory-policy", "noeviction"), ("maxmemory", "1")):
+        reply = await redis_cmd(run.a_port, "CONFIG", "SET", key, value, timeout=2)
+        if reply != b"+OK\r\n":
+            run.notes.append("CONFIG SET %s %s on A: %s" % (key, value, reply.decode().strip()))
+    reply = await redis_cmd(run.a_port, "SET", "failover:probe", "x", timeout=2)
+    if not reply.startswith(b"-OOM"):
+        run.notes.append("SET on A answered %s, not -OOM" % reply.decode().strip())
+
+
+async def clear_oom(run):
+    await redis_cmd(run.a_port, "CONFIG", "SET", "maxmemory", "0", timeout=2)
+
+
+async def fault_flag(run):
+    open(flag_path(run), "w").close()
+
+
+async def clear_flag(run):
+    os.remove(flag_path(run))
+
+
 # ---------------------------------------------------------------------------------------
 # The scenarios
 # ---------------------------------------------------------------------------------------
@@ -775,6 +1070,14 @@ class Scenario:
     relay: bool = False           # member A behind the fault relay
     setup: object = None          # async fn(run) before the clients start
     mass: bool = False            # args.mass_clients clients, one PING a second
+    checks: object = None         # fn(run): geoproxy's extra [health] TOML (geoproxy only)
+    api: bool = False             # a Redis Software REST API per member (members get api, bdb)
+    bridge: bool = False          # the pub/sub bridge between the members (replication)
+    held: object = None           # s after the clear until A is synced again, fn(args)
+
+    @property
+    def geoproxy_only(self):
+        return self.checks is not None
 
 
 SCENARIOS = [
@@ -801,6 +1104,31 @@ SCENARIOS = [
              "1 disconnect, 0 switches)", fault_kill_one_upstream),
     Scenario("mass-kill", "SIGKILL member A under --mass-clients clients, PING every 1 s",
              fault_kill, mass=True),
+    Scenario("availability-503", "[health.availability] (interval 1s, verify_tls = false, "
+             "Basic auth) against a REST API played per member over HTTPS (self-signed): A's "
+             "answers 503 bdb_endpoint_unavailable, 200 again after --clear-after s",
+             fault_api_unavailable, clear_api, lambda a: a.clear_after,
+             checks=checks_availability, api=True),
+    Scenario("availability-lag", "as availability-503 with lag = true (a sync check): after "
+             "--clear-after s A's plain request answers 200, its lag-aware one 503 "
+             "bdb_unavailable_lag for --lag-seconds s more (expect no failback before that)",
+             fault_api_unavailable, clear_api_lagging, lambda a: a.clear_after,
+             checks=checks_availability_lag, api=True, held=lambda a: a.lag_seconds),
+    Scenario("replication-cut", "[health.replication] (interval 1s, tolerance 2s), a pub/sub "
+             "bridge standing in for Active-Active: SIGSTOP A and cut the bridge A→B; SIGCONT "
+             "after --clear-after s, the cut healed --lag-seconds s later (expect no failback "
+             "before that)", fault_stop_and_cut, clear_stop_keep_cut, lambda a: a.clear_after,
+             checks=checks_replication, bridge=True, held=lambda a: a.lag_seconds),
+    Scenario("keyspace-oom", "[health.keyspace] (SET/GET, interval 1s): CONFIG SET maxmemory 1 "
+             "(noeviction) on A, which still answers PING; maxmemory 0 after --clear-after s",
+             fault_oom, clear_oom, lambda a: a.clear_after, checks=checks_keyspace),
+    Scenario("custom-fail", "[[health.custom]] program `sh -c 'test \"$GEOPROXY_MEMBER_ID\" "
+             "!= a || test ! -e FLAG'`: FLAG (in the run directory) created, removed after "
+             "--clear-after s", fault_flag, clear_flag, lambda a: a.clear_after,
+             checks=checks_custom),
+    Scenario("majority-one-failing", "policy = \"majority\" over ping, keyspace and "
+             "custom-fail's program, FLAG created for good: one of A's three checks fails "
+             "(expect 0 switches)", fault_flag, checks=checks_majority),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -826,8 +1154,11 @@ class Run:
         self.background, self.notes = [], []
         self.observations = []   # (t, serving member, {member: state})
         self.traffic = []        # (t, commands on A, commands on B)
+        self.gates = []          # (t, geoproxy failback_gate reason, why), when there is one
+        self.checks_down = collections.defaultdict(set)  # member -> its checks seen down
         self.loop_lag = 0.0
-        self.sleeper = self.relay = None
+        self.sleeper = self.relay = self.bridge = self.history = self.synced_t = None
+        self.apis = {}           # member -> RestApi
 
     def write_trace(self):
         """trace.txt in the run directory: every client event and observation, in s from the fault."""
@@ -850,7 +1181,9 @@ class Run:
         nclients = a.mass_clients if s.mass else a.clients
         interval = 1.0 if s.mass else a.interval
         clear_after = s.clear_after(a) if callable(s.clear_after) else s.clear_after
-        after = a.after if s.clear is None else clear_after + a.failback_after_s + a.after_clear
+        held = s.held(a) if s.held else 0.0
+        after = a.after if s.clear is None else (
+            clear_after + held + a.failback_after_s + a.after_clear)
         return nclients, interval, clear_after, after
 
     async def observer(self):
@@ -859,7 +1192,20 @@ class Run:
             o = await self.proxy.observe()
             if o is not None:
                 self.observations.append((now(), o[0], o[1]))
+                if self.proxy.name == "geoproxy":
+                    self.observe_checks(now(), self.proxy.last_status)
             await asyncio.sleep(0.1)
+
+    def observe_checks(self, t, st):
+        """geoproxy's failback gate, and which checks were down after the fault."""
+        gate = st.get("failback_gate")
+        if gate:
+            self.gates.append((t, gate.get("reason"), gate.get("why") or ""))
+        if self.fault_t is not None:
+            for m in st.get("members", []):
+                for c in m.get("checks", []):
+                    if c.get("state") == "down":
+                        self.checks_down[m["id"]].add(c["name"])
 
     async def traffic_poller(self, cmdname):
         """Every 250 ms: commands of our kind processed by A and by B (INFO commandstats)."""
@@ -898,13 +1244,21 @@ class Run:
             self.redis_a = await start_redis(self.a_port, d, "a")
             self.redis_b = await start_redis(self.b_port, d, "b")
             a_addr = self.a_port
+            if s.api:
+                ctx = self_signed_cert(d)
+                for m in ("a", "b"):
+                    self.apis[m] = await RestApi().start(ctx)
+            if s.bridge:
+                self.bridge = await Bridge({"a": self.a_port, "b": self.b_port}).start()
             if s.relay:
                 (rport,) = free_ports(1)
                 self.relay = await RelayControl.start(rport, self.a_port, os.path.join(d, "relay.log"))
                 a_addr = rport
                 if s.setup is not None:
                     await s.setup(self)  # the relay's delays apply from the proxy's first check
-            await self.proxy.start(a, d, a_addr, self.b_port, nclients)
+            checks = s.checks(self) if s.checks else ""
+            apis = [self.apis[m].url for m in ("a", "b")] if s.api else None
+            await self.proxy.start(a, d, a_addr, self.b_port, nclients, checks, apis)
             if self.proxy.started_on != "a":
                 self.notes.append("started on %s, not A" % self.proxy.started_on)
             if s.setup is not None and not s.relay:
@@ -929,6 +1283,7 @@ class Run:
             t0 = now()
             await asyncio.sleep(a.fault_at)
             self.fault_begin = now()  # events before this are not the fault's
+            self.wall_offset = time.time() - self.fault_begin  # geoproxy's switch times: Unix
             await s.fault(self)
             self.fault_t = now()      # the fault is in effect: timings start here
             if s.clear is not None:
@@ -940,6 +1295,7 @@ class Run:
             self.stopping = True
             await asyncio.wait(client_tasks, timeout=a.request_timeout + 2)
             switches_after = await self.proxy.switches()
+            self.history = await self.proxy.history()
             cpu1 = host_cpu()
             self.host_busy = 100.0 * (cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1])
             if a.keep:
@@ -956,6 +1312,10 @@ class Run:
                 self.sleeper[1].close()
             if self.relay is not None:
                 await self.relay.stop()
+            if self.bridge is not None:
+                await self.bridge.stop()
+            for api in self.apis.values():
+                api.close()
             kill_all()
             if not a.keep:
                 shutil.rmtree(d, ignore_errors=True)
@@ -1045,9 +1405,57 @@ class Run:
         if not on_a_before:
             row["notes"].append("traffic was %s on A before the fault" % (
                 "NOT" if on_a_before is False else "not measured"))
+        left = self.route_left_a()
+        if left is not None:
+            row["notes"].append(left)
         if self.clear_t is not None:
             row.update(self.failback())
+        row["notes"] += self.check_notes(row)
         return row
+
+    def route_left_a(self):
+        """When geoproxy's route first left A after the fault (from its switch history)."""
+        if self.history is None:
+            return None
+        for sw in self.history:
+            t = sw["at"] - self.wall_offset
+            if sw.get("from") == "a" and t >= self.fault_begin - 0.01:
+                return "route left A at %+.2f s (%s)" % (t - self.fault_t, sw.get("reason"))
+        return "route never left A"
+
+    def check_notes(self, row):
+        """The check scenarios: which of A's checks failed, the failback gate held for sync,
+        and when the route came back relative to A's sync being restored."""
+        if not self.scn.geoproxy_only:
+            return []
+        notes = []
+        down = sorted(self.checks_down.get("a", ()))
+        notes.append("A's checks down after the fault: %s" % (", ".join(down) or "none"))
+        if self.clear_t is not None:
+            sync = [(t - self.clear_t, why) for t, reason, why in self.gates
+                    if reason == "sync" and t >= self.clear_t]
+            if sync:
+                why = sync[0][1] if len(sync[0][1]) <= 90 else sync[0][1][:87] + "..."
+                notes.append("failback gate 'sync' seen from +%.1f to +%.1f s after the clear "
+                             "(%s)" % (sync[0][0], sync[-1][0], why))
+        if self.synced_t is not None:
+            synced = self.synced_t - self.clear_t
+            route = row.get("failback_route")
+            if route is None:
+                notes.append("A synced again at clear +%.1f s; route never came back" % synced)
+            else:
+                notes.append("A synced again at clear +%.1f s; route back %.1f s %s" % (
+                    synced, abs(route - synced), "after that" if route >= synced else
+                    "BEFORE that (failback not held)"))
+        if self.apis:
+            a, b = self.apis["a"].requests, self.apis["b"].requests
+            notes.append("API requests A / B: %d / %d plain, %d / %d lag-aware" % (
+                a["plain"], b["plain"], a["lag"], b["lag"]))
+        if self.bridge is not None:
+            notes.append("bridge: A→B %d forwarded, %d dropped; B→A %d forwarded" % (
+                self.bridge.forwarded["a", "b"], self.bridge.dropped["a", "b"],
+                self.bridge.forwarded["b", "a"]))
+        return notes
 
     def failback(self):
         """Times after the clear (s): A up again (its last change to up before the route
@@ -1133,13 +1541,14 @@ def header(args, scenarios, proxies, load):
     values = {"FAR_MS": "%d ms" % args.far_ms, "--clear-after": "%g" % args.clear_after,
               "--reset-seconds": "%g s" % args.reset_seconds, "--flap-down": "%g" % args.flap_down,
               "--flap-up": "%g" % args.flap_up, "--flap-seconds": "%g s" % args.flap_seconds,
-              "--mass-clients": "%d" % args.mass_clients}
+              "--mass-clients": "%d" % args.mass_clients, "--lag-seconds": "%g" % args.lag_seconds}
     extra = {"slow-under": " (%g s)" % args.slow_under, "slow-over": " (%g s)" % args.slow_over}
     for s in scenarios:
         doc = s.doc
         for k, v in values.items():
             doc = doc.replace(k, v)
-        out.append("- `%s`: %s%s" % (s.name, doc, extra.get(s.name, "")))
+        out.append("- `%s`: %s%s%s" % (s.name, doc, extra.get(s.name, ""),
+                                         " (geoproxy only)" if s.geoproxy_only else ""))
     return "\n".join(out)
 
 
@@ -1148,13 +1557,15 @@ def binary_commit(path):
     try:
         c = subprocess.run(["git", "-C", d, "log", "-1", "--format=%h"], capture_output=True,
                            text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", d, "status", "--porcelain", "--", "src"],
+        dirty = subprocess.run(["git", "-C", d, "status", "--porcelain", "--", ":/src"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
     mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
     return " (built %s; tree at %s%s)" % (mtime, c or "?", ", src modified" if dirty else "")
 
+
+SKIPPED = "not run: a geoproxy check kind, HAProxy has no equivalent"
 
 TABLE_HEAD = ("| scenario | proxy | first good reply p50 / p99 / max (ms) | longest gap p50 / max (ms) "
               "| error replies | disconnects | timeouts | switches | failback after clear | notes |\n"
@@ -1188,6 +1599,9 @@ def parse_args():
     p.add_argument("--slow-under", type=float, default=0.5, help="DEBUG SLEEP s, under reply_timeout")
     p.add_argument("--slow-over", type=float, default=2.0, help="DEBUG SLEEP s, over reply_timeout")
     p.add_argument("--mass-clients", type=int, default=6000)
+    p.add_argument("--lag-seconds", type=float, default=10.0,
+                   help="availability-lag / replication-cut: s after the clear that A stays "
+                        "unsynced (lag-aware request failing, replication A→B cut)")
     p.add_argument("--reply-timeout", type=parse_duration_str, default="1s",
                    help="geoproxy proxy.reply_timeout written in its config")
     p.add_argument("--failback-after", type=parse_duration_str, default="5s",
@@ -1211,6 +1625,11 @@ async def amain(args, scenarios, proxies):
     t_start = now()
     for s in scenarios:
         for pname in proxies:
+            if s.geoproxy_only and pname != "geoproxy":
+                rows.append(dict(scenario=s.name, proxy=pname, skipped=SKIPPED))
+                print("[%s] %s / %s: skipped (geoproxy only)" % (
+                    time.strftime("%H:%M:%S"), s.name, pname), file=sys.stderr, flush=True)
+                continue
             t = now()
             print("[%s] %s / %s ..." % (time.strftime("%H:%M:%S"), s.name, pname), file=sys.stderr, flush=True)
             run = Run(s, pname, args)
@@ -1244,7 +1663,8 @@ def main():
     args = parse_args()
     if args.list:
         for s in SCENARIOS:
-            print("%-18s %s" % (s.name, s.doc))
+            print("%-21s %s%s" % (s.name, s.doc, " [geoproxy only: HAProxy has no equivalent]"
+                                  if s.geoproxy_only else ""))
         return
     names = [x.strip() for x in args.scenarios.split(",") if x.strip()]
     unknown = [x for x in names if x not in BY_NAME]
@@ -1252,7 +1672,10 @@ def main():
     if unknown or any(p not in PROXIES for p in proxies):
         sys.exit("unknown scenario or proxy: %s (scenarios: %s; proxies: geoproxy, haproxy)"
                  % (", ".join(unknown + [p for p in proxies if p not in PROXIES]), ", ".join(BY_NAME)))
-    for tool in ["redis-server"] + (["haproxy"] if "haproxy" in proxies else []):
+    scenarios = [BY_NAME[n] for n in names]
+    api = "geoproxy" in proxies and any(s.api for s in scenarios)
+    for tool in ["redis-server"] + (["haproxy"] if "haproxy" in proxies else []) + (
+            ["openssl"] if api else []):
         if shutil.which(tool) is None:
             sys.exit("%s not found on PATH" % tool)
     if "geoproxy" in proxies and not os.access(args.geoproxy_bin, os.X_OK):
@@ -1262,7 +1685,6 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
     if "mass-kill" in names and args.mass_clients + 500 > want:
         print("warning: RLIMIT_NOFILE %d is low for %d clients" % (want, args.mass_clients), file=sys.stderr)
-    scenarios = [BY_NAME[n] for n in names]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill/timeout too
     load = os.getloadavg()[0]
     try:
@@ -1275,8 +1697,9 @@ def main():
     print(header(args, scenarios, proxies, load) + "\n")
     print(TABLE_HEAD)
     for r in rows:
-        if "failed" in r:
-            print("| %s | %s | run failed: %s |||||||||" % (r["scenario"], r["proxy"], r["failed"]))
+        if "failed" in r or "skipped" in r:
+            print("| %s | %s | %s |||||||||" % (r["scenario"], r["proxy"], r.get("skipped") or
+                                                "run failed: " + r["failed"]))
         else:
             print(fmt_row(r, args))
     print("\nTotal time: %.0f s" % took)
