@@ -625,16 +625,6 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         problems.push("admin.listen: must differ from proxy.listen".into());
     }
 
-    let positive = |problems: &mut Vec<String>, key: &str, d: Option<Duration>, default| {
-        let d = d.unwrap_or(default);
-        if d.is_zero() {
-            problems.push(format!("{key}: must be greater than zero"));
-        }
-        if d > MAX_DURATION {
-            problems.push(format!("{key}: must be at most 30 days"));
-        }
-        d
-    };
     let p = &raw.proxy;
     let reply_timeout = positive(
         &mut problems,
@@ -947,10 +937,7 @@ fn validate_checks(
         );
         KeyspaceConfig {
             shards: shards(problems, "health.keyspace.shards", k.shards),
-            ttl: k
-                .ttl
-                .unwrap_or(DEFAULT_KEYSPACE_TTL)
-                .max(Duration::from_millis(1)),
+            ttl: positive(problems, "health.keyspace.ttl", k.ttl, DEFAULT_KEYSPACE_TTL),
             timing,
         }
     });
@@ -972,7 +959,12 @@ fn validate_checks(
                 role: a.lag_role,
             };
             LagConfig {
-                tolerance: a.lag_tolerance.unwrap_or(DEFAULT_LAG_TOLERANCE),
+                tolerance: positive(
+                    problems,
+                    "health.availability.lag_tolerance",
+                    a.lag_tolerance,
+                    DEFAULT_LAG_TOLERANCE,
+                ),
                 timing: timing(
                     problems,
                     "health.availability.lag",
@@ -1024,10 +1016,12 @@ fn validate_checks(
             Role::Sync,
             defaults.timeout,
         );
-        let tolerance = r.tolerance.unwrap_or(DEFAULT_REPLICATION_TOLERANCE);
-        if tolerance.is_zero() || tolerance > MAX_DURATION {
-            problems.push("health.replication.tolerance: must be greater than zero".into());
-        }
+        let tolerance = positive(
+            problems,
+            "health.replication.tolerance",
+            r.tolerance,
+            DEFAULT_REPLICATION_TOLERANCE,
+        );
         if members.len() < 2 {
             problems.push("health.replication: needs at least two members".into());
         }
@@ -1092,6 +1086,24 @@ fn validate_checks(
     }
 }
 
+/// A duration key's value (or its default), which must be greater than zero and at most
+/// 30 days.
+fn positive(
+    problems: &mut Vec<String>,
+    key: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Duration {
+    let d = value.unwrap_or(default);
+    if d.is_zero() {
+        problems.push(format!("{key}: must be greater than zero"));
+    }
+    if d > MAX_DURATION {
+        problems.push(format!("{key}: must be at most 30 days"));
+    }
+    d
+}
+
 /// A check's timing: its own keys, else `[health]`'s, else the kind's `timeout` and `role`.
 fn check_timing(
     problems: &mut Vec<String>,
@@ -1101,17 +1113,13 @@ fn check_timing(
     role: Role,
     timeout: Duration,
 ) -> Timing {
-    let mut duration = |name: &str, v: Option<Duration>, default: Duration| {
-        let d = v.unwrap_or(default);
-        if d.is_zero() || d > MAX_DURATION {
-            problems.push(format!(
-                "{key}.{name}: must be greater than zero and at most 30 days"
-            ));
-        }
-        d
-    };
-    let interval = duration("interval", raw.interval, defaults.interval);
-    let timeout = duration("timeout", raw.timeout, timeout);
+    let interval = positive(
+        problems,
+        &format!("{key}.interval"),
+        raw.interval,
+        defaults.interval,
+    );
+    let timeout = positive(problems, &format!("{key}.timeout"), raw.timeout, timeout);
     let mut count = |name: &str, v: Option<u32>, default: u32| {
         let n = v.unwrap_or(default);
         if n == 0 {

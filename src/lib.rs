@@ -48,7 +48,6 @@ pub use config::Config;
 use crate::admin::AdminState;
 use crate::config::HealthConfig;
 use crate::health::replication::Matrix;
-use crate::health::{Passive, Replication};
 use crate::listener::Listener;
 use crate::member::Members;
 use crate::metrics::Metrics;
@@ -298,7 +297,7 @@ impl Control {
                 };
                 runtime.block_on(async move {
                     let tasks = TaskTracker::new();
-                    spawn_checks(&tasks, &stop, &members, &health, &metrics, matrix);
+                    health::spawn(&tasks, &members, &health, &metrics, matrix, &stop);
                     tasks.spawn(router.run(stop.clone()));
                     match TcpListener::from_std(admin) {
                         Ok(admin) => {
@@ -310,44 +309,6 @@ impl Control {
                     tasks.wait().await;
                 });
             })
-    }
-}
-
-/// Every member's checks, its passive side, and the replication check.
-fn spawn_checks(
-    tasks: &TaskTracker,
-    stop: &CancellationToken,
-    members: &Arc<Members>,
-    health: &HealthConfig,
-    metrics: &Metrics,
-    matrix: Option<Arc<Matrix>>,
-) {
-    {
-        if health.availability.as_ref().is_some_and(|a| !a.verify_tls) {
-            warn!(
-                "health.availability.verify_tls is off: the REST API's certificate is not verified"
-            );
-        }
-        health::check::spawn(tasks, members, health, metrics, stop);
-        for idx in 0..members.len() {
-            let passive = Passive {
-                members: members.clone(),
-                idx,
-                config: health.clone(),
-                metrics: metrics.clone(),
-            };
-            tasks.spawn(passive.run(stop.clone()));
-        }
-        if let (Some(config), Some(matrix)) = (&health.replication, matrix) {
-            let replication = Replication {
-                members: members.clone(),
-                config: config.clone(),
-                connect_timeout: health.connect_timeout,
-                metrics: metrics.clone(),
-                matrix,
-            };
-            tasks.spawn(replication.run(stop.clone()));
-        }
     }
 }
 

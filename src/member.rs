@@ -149,6 +149,11 @@ impl Member {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// The member's state, without copying its checks.
+    pub fn state(&self) -> State {
+        self.lock().verdicts.state()
+    }
+
     /// A copy of the member's health.
     pub fn status(&self) -> Status {
         let r = self.lock();

@@ -19,7 +19,9 @@ use tracing::{info, warn};
 use super::availability::AvailabilityCheck;
 use super::custom::CustomCheck;
 use super::keyspace::KeyspaceCheck;
+use super::passive::Passive;
 use super::ping::PingCheck;
+use super::replication::{Matrix, Replication};
 use super::verdict::{Change, Kind, Slot};
 use super::State;
 use crate::config::{HealthConfig, Timing};
@@ -64,17 +66,10 @@ impl<C: Check> Checker<C> {
                 Err(_) => Err(format!("no result within {:?}", self.deadline)),
             };
             let seconds = started.elapsed().as_secs_f64();
-            self.metrics
-                .check(member.id(), &name, seconds, result.is_ok());
             let failed = result.is_err();
-            let why = result.clone().err();
-            let change = member.observe(self.slot, result, seconds, Instant::now());
-            publish(
-                &self.members,
-                self.idx,
-                &self.metrics,
-                change,
-                why.as_deref(),
+            let (members, metrics) = (&self.members, &self.metrics);
+            let change = record(
+                members, self.idx, metrics, self.slot, &name, result, seconds,
             );
             // Soon again after a failure of a passing check (HAProxy's `fastinter`: `fall`
             // failures take about one interval), and while no member is available.
@@ -87,6 +82,25 @@ impl<C: Check> Checker<C> {
             next = Instant::now() + jittered(wait);
         }
     }
+}
+
+/// One result of check `slot` (named `name`) of member `idx`: counted, fed to the member's
+/// verdicts, and what it changed published.
+pub(crate) fn record(
+    members: &Members,
+    idx: MemberIdx,
+    metrics: &Metrics,
+    slot: usize,
+    name: &str,
+    result: Result<(), String>,
+    seconds: f64,
+) -> Change {
+    let member = members.get(idx);
+    metrics.check(member.id(), name, seconds, result.is_ok());
+    let why = result.clone().err();
+    let change = member.observe(slot, result, seconds, Instant::now());
+    publish(members, idx, metrics, change, why.as_deref());
+    change
 }
 
 /// What a result changed, told: the one place that logs health and sync changes, counts
@@ -157,16 +171,40 @@ pub fn plan(config: &HealthConfig) -> Vec<Slot> {
     slots
 }
 
-/// Starts the checkers of every member's checks (all but replication, which is one task
-/// for all members). A check that cannot start (an HTTPS client that cannot be built) is
-/// logged and left out; the member's verdict then never counts it as passed.
+/// Starts every health task: a checker per member and check, the passive side of each
+/// member, and the replication check (one task for all members, measuring into `matrix`).
+/// A check that cannot start (an HTTPS client that cannot be built) is logged and left out;
+/// the member's verdict then never counts it as passed.
 pub fn spawn(
     tasks: &TaskTracker,
     members: &Arc<Members>,
     config: &HealthConfig,
     metrics: &Metrics,
+    matrix: Option<Arc<Matrix>>,
     shutdown: &CancellationToken,
 ) {
+    if config.availability.as_ref().is_some_and(|a| !a.verify_tls) {
+        warn!("health.availability.verify_tls is off: the REST API's certificate is not verified");
+    }
+    for idx in 0..members.len() {
+        let passive = Passive {
+            members: members.clone(),
+            idx,
+            config: config.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.spawn(passive.run(shutdown.clone()));
+    }
+    if let (Some(replication), Some(matrix)) = (&config.replication, matrix) {
+        let task = Replication {
+            members: members.clone(),
+            config: replication.clone(),
+            connect_timeout: config.connect_timeout,
+            metrics: metrics.clone(),
+            matrix,
+        };
+        tasks.spawn(task.run(shutdown.clone()));
+    }
     let slots = plan(config);
     for idx in 0..members.len() {
         for (slot, s) in slots.iter().enumerate() {

@@ -19,7 +19,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use tokio::process::Command;
 
 use super::check::Check;
-use super::ping::{handshake, request, within};
+use super::ping::{open, request, within};
 use crate::config::{CustomAction, CustomConfig, HealthConfig};
 use crate::member::Member;
 
@@ -48,14 +48,7 @@ impl CustomCheck {
         member: &Member,
         steps: &[(Vec<String>, String)],
     ) -> Result<(), String> {
-        let open = handshake(&member.config, &mut self.buf);
-        let mut conn = within(
-            self.connect_timeout,
-            "connect",
-            "health.connect_timeout",
-            open,
-        )
-        .await?;
+        let mut conn = open(&member.config, &mut self.buf, self.connect_timeout).await?;
         let buf = &mut self.buf;
         let run = async {
             for (command, pattern) in steps {

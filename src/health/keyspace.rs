@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::check::Check;
-use super::ping::{handshake, request, within};
+use super::ping::{open, request, within};
 use crate::config::{HealthConfig, KeyspaceConfig};
 use crate::member::Member;
 use crate::upstream::error_line;
@@ -85,14 +85,8 @@ impl KeyspaceCheck {
 impl Check for KeyspaceCheck {
     async fn run(&mut self, member: &Member) -> Result<(), String> {
         if self.conn.is_none() {
-            let open = handshake(&member.config, &mut self.buf);
-            let conn = within(
-                self.connect_timeout,
-                "connect",
-                "health.connect_timeout",
-                open,
-            );
-            self.conn = Some(conn.await?);
+            let conn = open(&member.config, &mut self.buf, self.connect_timeout).await?;
+            self.conn = Some(conn);
         }
         let limit = self.timeout;
         let checked = within(limit, "keyspace check", "health.keyspace.timeout", async {

@@ -10,7 +10,7 @@
 //! and wakes the router.
 
 mod availability;
-pub mod check;
+mod check;
 mod custom;
 pub mod errors;
 pub mod evidence;
@@ -20,10 +20,8 @@ mod ping;
 pub mod replication;
 pub mod verdict;
 
-pub use check::{plan, Check, Checker};
+pub use check::{plan, spawn, Check};
 pub use evidence::Evidence;
-pub use passive::Passive;
-pub use replication::Replication;
 
 use std::fmt;
 

@@ -63,7 +63,7 @@ impl Passive {
     async fn confirm(&self, probe: &mut PingCheck) {
         let member = self.members.get(self.idx);
         let (covers, counts) = member.evidence.take();
-        let (healthy, why) = if member.status().state == State::Down {
+        let (healthy, why) = if member.state() == State::Down {
             (false, String::new()) // already down: nothing to confirm
         } else {
             let started = Instant::now();
@@ -88,7 +88,7 @@ impl Passive {
                 member = member.id(),
                 "passive signal dismissed: the member answers"
             );
-        } else if member.status().state != State::Down {
+        } else if member.state() != State::Down {
             // The kind reported most names the cause.
             let kind = Signal::ALL
                 .into_iter()

@@ -109,18 +109,8 @@ impl PingCheck {
     async fn check(&mut self, member: &MemberConfig) -> Result<(), String> {
         let what = if self.echo { "ECHO" } else { "PING" };
         if self.conn.is_none() {
-            let limit = self.connect_timeout;
-            match timeout(limit, self.open(member)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(format!(
-                        "connect timeout: no connection to {} (TCP connect and AUTH) within \
-                         {limit:?} (health.connect_timeout)",
-                        member.address
-                    ))
-                }
-            }
+            let conn = open(member, &mut self.buf, self.connect_timeout).await?;
+            self.conn = Some((conn, Instant::now()));
         }
         let limit = self.timeout;
         match timeout(limit, self.ping()).await {
@@ -129,13 +119,6 @@ impl PingCheck {
                 "check timeout: no {what} reply within {limit:?} (health.timeout)"
             )),
         }
-    }
-
-    /// Connects and authenticates: the handshake, timed by `connect_timeout`.
-    async fn open(&mut self, member: &MemberConfig) -> Result<(), String> {
-        let conn = handshake(member, &mut self.buf).await?;
-        self.conn = Some((conn, Instant::now()));
-        Ok(())
     }
 
     async fn ping(&mut self) -> Result<(), String> {
@@ -167,11 +150,25 @@ impl PingCheck {
     }
 }
 
-/// Opens a connection to `member` and authenticates it with the checks' credentials.
-pub(super) async fn handshake(
+/// Opens a check connection to `member`: TCP connect and `AUTH` with the checks'
+/// credentials, within `limit` (`health.connect_timeout`). Every check that talks RESP to a
+/// member opens its connections here.
+pub(super) async fn open(
     member: &MemberConfig,
     buf: &mut BytesMut,
+    limit: Duration,
 ) -> Result<TcpStream, String> {
+    match timeout(limit, handshake(member, buf)).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "connect timeout: no connection to {} (TCP connect and AUTH) within {limit:?} \
+             (health.connect_timeout)",
+            member.address
+        )),
+    }
+}
+
+async fn handshake(member: &MemberConfig, buf: &mut BytesMut) -> Result<TcpStream, String> {
     let mut conn = connect(&member.address).await.map_err(|e| e.to_string())?;
     if let Some(password) = &member.password {
         let mut args = vec![b"AUTH".to_vec()];

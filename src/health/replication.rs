@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use super::check::{jittered, publish};
+use super::check::{jittered, record};
 use super::keyspace::shard_tags;
-use super::ping::{handshake, request, within};
+use super::ping::{open, request, within};
 use super::verdict::Kind;
 use crate::config::ReplicationConfig;
 use crate::member::{MemberIdx, Members};
@@ -104,59 +104,56 @@ impl Replication {
         let lags = self.matrix.measure(now);
         let ids: Vec<&str> = self.members.list.iter().map(|m| m.id()).collect();
         for (from, row) in lags.iter().enumerate() {
-            for (to, lag) in row.iter().enumerate() {
-                if let (true, Some(lag)) = (from != to, lag) {
+            for (to, pair) in row.iter().enumerate() {
+                if let (true, Some(pair)) = (from != to, pair) {
                     self.metrics
-                        .replication_lag(ids[from], ids[to], lag.as_secs_f64());
+                        .replication_lag(ids[from], ids[to], pair.lag.as_secs_f64());
                 }
             }
         }
+        let up: Vec<bool> = self.members.list.iter().map(|m| m.is_up()).collect();
         for m in 0..ids.len() {
-            let pairs = (0..ids.len())
-                .filter(|&n| n != m && self.members.get(n).is_up())
-                .flat_map(|n| [(n, m, "from", n), (m, n, "to", n)]);
-            let mut worst: Option<(Duration, &str, usize)> = None;
-            let mut unmeasured = false;
-            let mut never: Option<(&str, usize)> = None;
-            for (from, to, direction, other) in pairs {
-                if !self.matrix.ever_received(from, to) {
-                    never = never.or(Some((direction, other)));
-                }
-                match lags[from][to] {
-                    Some(lag) if worst.is_none_or(|(w, _, _)| lag > w) => {
-                        worst = Some((lag, direction, other))
-                    }
-                    Some(_) => {}
-                    None => unmeasured = true,
-                }
-            }
-            if unmeasured {
+            let Some(result) = member_result(&lags, &up, m, self.config.tolerance, &ids) else {
                 continue; // the first round: nothing to judge yet
-            }
-            let result = match (never, worst) {
-                // A round had a whole interval to arrive: a pair that never got one is cut.
-                (Some((direction, other)), _) => Err(format!(
-                    "replication {direction} {}: no token received yet",
-                    ids[other]
-                )),
-                (None, Some((lag, direction, other))) if lag > self.config.tolerance => {
-                    Err(format!(
-                        "replication {direction} {}: {:.1} s behind (tolerance {:?})",
-                        ids[other],
-                        lag.as_secs_f64(),
-                        self.config.tolerance
-                    ))
-                }
-                _ => Ok(()),
             };
-            let member = self.members.get(m);
-            let ok = result.is_ok();
-            let why = result.clone().err();
-            let change = member.observe(slot, result, 0.0, now);
-            self.metrics.check(member.id(), "replication", 0.0, ok);
-            publish(&self.members, m, &self.metrics, change, why.as_deref());
+            let (members, metrics) = (&self.members, &self.metrics);
+            record(members, m, metrics, slot, "replication", result, 0.0);
         }
     }
+}
+
+/// Member `m`'s replication result: its worst pair, either way, with a member that is up.
+/// A pair that never got a token (on every shard) fails whatever its lag: a round had a
+/// whole interval to arrive. `None` until the pairs are measured.
+fn member_result(
+    lags: &[Vec<Option<PairLag>>],
+    up: &[bool],
+    m: MemberIdx,
+    tolerance: Duration,
+    ids: &[&str],
+) -> Option<Result<(), String>> {
+    // Never heard from is worse than any lag.
+    let badness = |p: &PairLag| (!p.heard, p.lag);
+    let mut worst: Option<(PairLag, &str, MemberIdx)> = None;
+    for n in (0..ids.len()).filter(|&n| n != m && up[n]) {
+        for (pair, direction) in [(lags[n][m]?, "from"), (lags[m][n]?, "to")] {
+            if worst.is_none_or(|(w, _, _)| badness(&pair) > badness(&w)) {
+                worst = Some((pair, direction, n));
+            }
+        }
+    }
+    Some(match worst {
+        Some((p, direction, n)) if !p.heard => Err(format!(
+            "replication {direction} {}: no token received yet",
+            ids[n]
+        )),
+        Some((p, direction, n)) if p.lag > tolerance => Err(format!(
+            "replication {direction} {}: {:.1} s behind (tolerance {tolerance:?})",
+            ids[n],
+            p.lag.as_secs_f64(),
+        )),
+        _ => Ok(()),
+    })
 }
 
 /// One member's two connections: the publisher's and the subscriber's.
@@ -188,9 +185,7 @@ impl Link {
             let token = format!("{} {} {round}", crate::instance_id(), member.id());
             let sent = async {
                 if conn.is_none() {
-                    let open = handshake(&member.config, &mut buf);
-                    let key = "health.connect_timeout";
-                    conn = Some(within(self.connect_timeout, "connect", key, open).await?);
+                    conn = Some(open(&member.config, &mut buf, self.connect_timeout).await?);
                 }
                 let stream = conn.as_mut().ok_or("no connection")?;
                 for channel in &self.channels {
@@ -240,21 +235,11 @@ impl Link {
     async fn listen(&self) -> Result<(), String> {
         let member = self.members.get(self.idx);
         let mut buf = BytesMut::new();
-        let open = handshake(&member.config, &mut buf);
-        let mut conn = within(
-            self.connect_timeout,
-            "connect",
-            "health.connect_timeout",
-            open,
-        )
-        .await?;
+        let mut conn = open(&member.config, &mut buf, self.connect_timeout).await?;
         let mut args = vec![b"SUBSCRIBE".to_vec()];
         args.extend(self.channels.iter().map(|c| c.clone().into_bytes()));
-        let mut command = Vec::new();
-        crate::resp::request::encode_command(&args, &mut command);
-        tokio::io::AsyncWriteExt::write_all(&mut conn, &command)
-            .await
-            .map_err(|e| e.to_string())?;
+        // The first confirmation; the others pass through the loop below.
+        request(&mut conn, &mut buf, &args).await?;
         // Every round publishes on every member, its own included: a subscriber that hears
         // nothing for three rounds is on a dead connection (a partition that holds it open).
         let silence = self.retry * 3 + self.timeout;
@@ -307,7 +292,6 @@ impl Link {
 /// The tokens sent and received, and the lag matrix they give.
 pub struct Matrix {
     ids: Vec<String>,
-    shards: usize,
     tolerance: Duration,
     inner: Mutex<Tokens>,
 }
@@ -315,13 +299,21 @@ pub struct Matrix {
 /// The newest round received on one shard, and when.
 type Newest = Option<(u64, Instant)>;
 
+/// How far behind one pair `from -> to` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairLag {
+    pub lag: Duration,
+    /// A token has arrived on every shard at least once.
+    pub heard: bool,
+}
+
 struct Tokens {
     /// When each recent round started (every member's token of the round is due then).
     rounds: VecDeque<(u64, Instant)>,
     /// `[from][to][shard]`: the newest round received, and when.
     received: Vec<Vec<Vec<Newest>>>,
     /// The last measure, for `/v1/status`.
-    lags: Vec<Vec<Option<Duration>>>,
+    lags: Vec<Vec<Option<PairLag>>>,
 }
 
 /// The lag matrix as `/v1/status` shows it.
@@ -338,7 +330,6 @@ impl Matrix {
         let shards = usize::from(shards.max(1));
         Matrix {
             ids,
-            shards,
             tolerance,
             inner: Mutex::new(Tokens {
                 rounds: VecDeque::new(),
@@ -369,7 +360,7 @@ impl Matrix {
     }
 
     /// The lag of every pair at `now` (`None`: no round started yet).
-    pub fn measure(&self, now: Instant) -> Vec<Vec<Option<Duration>>> {
+    pub fn measure(&self, now: Instant) -> Vec<Vec<Option<PairLag>>> {
         let mut t = self.lock();
         let n = self.ids.len();
         let mut lags = vec![vec![None; n]; n];
@@ -391,30 +382,27 @@ impl Matrix {
                             now.saturating_duration_since(since)
                         }
                     });
-                    *lag = worst.max();
+                    *lag = worst.max().map(|lag| PairLag {
+                        lag,
+                        heard: shards.iter().all(Option::is_some),
+                    });
                 }
             }
         }
-        debug_assert!(self.shards > 0);
         t.lags = lags.clone();
         lags
-    }
-
-    /// Has `to` received a token from `from` on every shard?
-    pub fn ever_received(&self, from: MemberIdx, to: MemberIdx) -> bool {
-        self.lock().received[from][to].iter().all(Option::is_some)
     }
 
     pub fn view(&self) -> MatrixView {
         let t = self.lock();
         let mut lag_seconds = BTreeMap::new();
         for (from, row) in t.lags.iter().enumerate() {
-            for (to, lag) in row.iter().enumerate() {
-                if let (true, Some(lag)) = (from != to, lag) {
+            for (to, pair) in row.iter().enumerate() {
+                if let (true, Some(pair)) = (from != to, pair) {
                     lag_seconds
                         .entry(self.ids[from].clone())
                         .or_insert_with(BTreeMap::new)
-                        .insert(self.ids[to].clone(), lag.as_secs_f64());
+                        .insert(self.ids[to].clone(), pair.lag.as_secs_f64());
                 }
             }
         }
@@ -431,6 +419,10 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    fn heard(lag: Duration) -> Option<PairLag> {
+        Some(PairLag { lag, heard: true })
+    }
+
     fn matrix() -> Matrix {
         Matrix::new(vec!["a".into(), "b".into()], 2, 100 * MS)
     }
@@ -443,9 +435,13 @@ mod tests {
         m.received(0, 1, 0, 1, t0 + 20 * MS);
         m.received(0, 1, 1, 1, t0 + 30 * MS);
         let lags = m.measure(t0 + 1000 * MS);
-        assert_eq!(lags[0][1], Some(30 * MS), "the slower shard counts");
+        assert_eq!(lags[0][1], heard(30 * MS), "the slower shard counts");
         // b -> a: nothing received: the round's age.
-        assert_eq!(lags[1][0], Some(1000 * MS));
+        let never = PairLag {
+            lag: 1000 * MS,
+            heard: false,
+        };
+        assert_eq!(lags[1][0], Some(never));
     }
 
     #[test]
@@ -461,13 +457,13 @@ mod tests {
             m.start_round(r, t0 + (r as u32 - 1) * 1000 * MS);
         }
         let lags = m.measure(t0 + 4000 * MS);
-        assert_eq!(lags[0][1], Some(3000 * MS), "since round 2 began");
+        assert_eq!(lags[0][1], heard(3000 * MS), "since round 2 began");
         // Healed: round 5 arrives, the lag is its delay again.
         m.start_round(5, t0 + 4000 * MS);
         for shard in 0..2 {
             m.received(0, 1, shard, 5, t0 + 4010 * MS);
         }
-        assert_eq!(m.measure(t0 + 5000 * MS)[0][1], Some(10 * MS));
+        assert_eq!(m.measure(t0 + 5000 * MS)[0][1], heard(10 * MS));
         let view = m.view();
         assert_eq!(view.lag_seconds["a"]["b"], 0.01);
     }
@@ -482,6 +478,43 @@ mod tests {
             m.received(0, 1, shard, 2, t0 + 1001 * MS);
             m.received(0, 1, shard, 1, t0 + 1500 * MS); // older, later: ignored
         }
-        assert_eq!(m.measure(t0 + 2000 * MS)[0][1], Some(MS));
+        assert_eq!(m.measure(t0 + 2000 * MS)[0][1], heard(MS));
+    }
+
+    #[test]
+    fn a_member_is_judged_by_its_worst_pair_with_members_up() {
+        const TOL: Duration = Duration::from_millis(500);
+        let ids = ["a", "b", "c"];
+        let pair = |ms: u32, heard: bool| {
+            Some(PairLag {
+                lag: ms * MS,
+                heard,
+            })
+        };
+        // [from][to]: c -> a lags 2 s, b -> a was never heard; the rest are fast.
+        let mut lags = vec![vec![pair(1, true); 3]; 3];
+        lags[2][0] = pair(2000, true);
+        lags[1][0] = pair(100, false);
+        let all_up = [true, true, true];
+        let result = member_result(&lags, &all_up, 0, TOL, &ids).unwrap();
+        assert_eq!(
+            result.unwrap_err(),
+            "replication from b: no token received yet"
+        );
+        let b_down = [true, false, true];
+        let result = member_result(&lags, &b_down, 0, TOL, &ids).unwrap();
+        assert_eq!(
+            result.unwrap_err(),
+            "replication from c: 2.0 s behind (tolerance 500ms)"
+        );
+        assert_eq!(
+            member_result(&lags, &[true, false, false], 0, TOL, &ids),
+            Some(Ok(()))
+        );
+        // c is slow towards a: c is judged by it too ("to a").
+        let result = member_result(&lags, &b_down, 2, TOL, &ids).unwrap();
+        assert!(result.unwrap_err().starts_with("replication to a: 2.0 s"));
+        lags[0][1] = None; // not measured yet
+        assert_eq!(member_result(&lags, &all_up, 0, TOL, &ids), None);
     }
 }

@@ -169,9 +169,9 @@ impl Verdicts {
         self.status
             .iter()
             .find(|c| c.role == Role::Sync && c.state != State::Up)
-            .map(|c| match (&c.last_error, c.state) {
-                (Some(e), _) => format!("{}: {e}", c.name),
-                (None, _) => format!("{}: not checked yet", c.name),
+            .map(|c| match &c.last_error {
+                Some(e) => format!("{}: {e}", c.name),
+                None => format!("{}: not checked yet", c.name),
             })
     }
 

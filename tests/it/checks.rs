@@ -40,6 +40,34 @@ fn availability_table(api: &RestApi, extra: &str) -> String {
     )
 }
 
+/// Two members, each with its cluster's REST API (one CA signs both), and a proxy with
+/// `[health.availability]` plus `extra` keys, routed.
+async fn with_apis(extra: &str) -> (RedisServer, RedisServer, RestApi, RestApi, Proxy) {
+    let (east, west) = (RedisServer::start(), RedisServer::start());
+    let api_east = RestApi::start().await;
+    let api_west = api_east.sibling().await;
+    let table = availability_table(&api_east, extra);
+    let proxy = Proxy::start(
+        &two(&east, &west),
+        Options {
+            apis: vec![api_east.url(), api_west.url()],
+            ..options(health(&table))
+        },
+    )
+    .await;
+    (east, west, api_east, api_west, proxy)
+}
+
+/// Waits (5 s at most) until the metric sample `sample` (`name{labels}`) is `value`.
+async fn wait_metric(proxy: &Proxy, sample: &str, value: f64) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("{sample} = {value}"),
+        || async { proxy.metric(sample).await == value },
+    )
+    .await;
+}
+
 /// The named check of `member` in `/v1/status`.
 async fn check(proxy: &Proxy, member: &str, name: &str) -> serde_json::Value {
     let status = proxy.status().await;
@@ -75,18 +103,7 @@ async fn let_run(proxy: &Proxy, member: &str, name: &str, runs: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn availability_503_fails_over_and_names_the_error_code() {
-    let (east, west) = (RedisServer::start(), RedisServer::start());
-    let api_east = RestApi::start().await;
-    let api_west = api_east.sibling().await;
-    let table = availability_table(&api_east, "");
-    let proxy = Proxy::start(
-        &two(&east, &west),
-        Options {
-            apis: vec![api_east.url(), api_west.url()],
-            ..options(health(&table))
-        },
-    )
-    .await;
+    let (_east, west, api_east, _api_west, proxy) = with_apis("").await;
     wait_active(&proxy, "us-east").await;
     let mut c = proxy.connect().await;
     c.set::<_, _, ()>("k", "east").await.unwrap();
@@ -109,8 +126,9 @@ async fn availability_503_fails_over_and_names_the_error_code() {
     );
     // The node-local request, with the credentials; the password shows nowhere.
     let seen = api_east.seen();
+    let local = "/v1/local/bdbs/1/endpoint/availability";
     assert!(
-        !seen.is_empty() && seen.iter().all(|q| q.is_empty()),
+        !seen.is_empty() && seen.iter().all(|q| q == local),
         "{seen:?}"
     );
     assert!(!status.to_string().contains(PASSWORD));
@@ -155,21 +173,8 @@ async fn availability_with_the_wrong_ca_is_a_failure_and_verify_off_accepts_it()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_over_tolerance_holds_failback_until_it_recovers() {
-    let (east, west) = (RedisServer::start(), RedisServer::start());
-    let api_east = RestApi::start().await;
-    let api_west = api_east.sibling().await;
-    let table = availability_table(
-        &api_east,
-        "lag = true\nlag_tolerance = \"250ms\"\nendpoint = \"database\"",
-    );
-    let proxy = Proxy::start(
-        &two(&east, &west),
-        Options {
-            apis: vec![api_east.url(), api_west.url()],
-            ..options(health(&table))
-        },
-    )
-    .await;
+    let (_east, _west, api_east, _api_west, proxy) =
+        with_apis("lag = true\nlag_tolerance = \"250ms\"\nendpoint = \"database\"").await;
     wait_active(&proxy, "us-east").await;
 
     // us-east fails, and comes back behind: available, but lagging.
@@ -177,10 +182,7 @@ async fn lag_over_tolerance_holds_failback_until_it_recovers() {
     wait_active(&proxy, "eu-west").await;
     api_east.set_lag(Answer::Unavailable(503, "bdb_unavailable_lag"));
     api_east.set(Answer::Available);
-    eventually(Duration::from_secs(5), "us-east up again", || async {
-        proxy.metric("geoproxy_member_up{member=\"us-east\"}").await == 1.0
-    })
-    .await;
+    wait_metric(&proxy, "geoproxy_member_up{member=\"us-east\"}", 1.0).await;
     // Well past failback_after (1 s): the gate holds, and says why.
     eventually(
         Duration::from_secs(5),
@@ -205,7 +207,8 @@ async fn lag_over_tolerance_holds_failback_until_it_recovers() {
     let seen = api_east.seen();
     assert!(
         seen.iter()
-            .any(|q| q == "extend_check=lag&availability_lag_tolerance_ms=250"),
+            .any(|q| q
+                == "/v1/bdbs/1/availability?extend_check=lag&availability_lag_tolerance_ms=250"),
         "{seen:?}"
     );
 
@@ -217,27 +220,10 @@ async fn lag_over_tolerance_holds_failback_until_it_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_alone_never_moves_traffic_off_the_active_member() {
-    let (east, west) = (RedisServer::start(), RedisServer::start());
-    let api_east = RestApi::start().await;
-    let api_west = api_east.sibling().await;
-    let table = availability_table(&api_east, "lag = true");
-    let proxy = Proxy::start(
-        &two(&east, &west),
-        Options {
-            apis: vec![api_east.url(), api_west.url()],
-            ..options(health(&table))
-        },
-    )
-    .await;
+    let (_east, _west, api_east, _api_west, proxy) = with_apis("lag = true").await;
     wait_active(&proxy, "us-east").await;
     api_east.set_lag(Answer::Unavailable(503, "bdb_unavailable_lag"));
-    eventually(Duration::from_secs(5), "us-east not synced", || async {
-        proxy
-            .metric("geoproxy_member_synced{member=\"us-east\"}")
-            .await
-            == 0.0
-    })
-    .await;
+    wait_metric(&proxy, "geoproxy_member_synced{member=\"us-east\"}", 0.0).await;
     let_run(&proxy, "us-east", "lag", 10).await;
     assert_eq!(proxy.active_member().await.as_deref(), Some("us-east"));
     assert_eq!(proxy.epoch().await, 1);
@@ -292,13 +278,7 @@ async fn a_replication_cut_blocks_failback_and_shows_in_the_lag_matrix() {
         },
     )
     .await;
-    eventually(Duration::from_secs(5), "us-east not synced", || async {
-        proxy
-            .metric("geoproxy_member_synced{member=\"us-east\"}")
-            .await
-            == 0.0
-    })
-    .await;
+    wait_metric(&proxy, "geoproxy_member_synced{member=\"us-east\"}", 0.0).await;
     let_run(&proxy, "us-east", "replication", 10).await;
     assert_eq!(proxy.active_member().await.as_deref(), Some("us-east"));
     assert_eq!(proxy.epoch().await, 1);
@@ -307,10 +287,7 @@ async fn a_replication_cut_blocks_failback_and_shows_in_the_lag_matrix() {
     relay.set(Fault::BlackHole);
     wait_active(&proxy, "eu-west").await;
     relay.set(Fault::None);
-    eventually(Duration::from_secs(5), "us-east up again", || async {
-        proxy.metric("geoproxy_member_up{member=\"us-east\"}").await == 1.0
-    })
-    .await;
+    wait_metric(&proxy, "geoproxy_member_up{member=\"us-east\"}", 1.0).await;
     eventually(Duration::from_secs(5), "the gate names the cut", || async {
         let gate = proxy.status().await["failback_gate"].clone();
         gate["member"] == "us-east"
@@ -493,10 +470,7 @@ async fn echo_checks_and_all_members_down_answers_at_once() {
 
     east.kill();
     west.kill();
-    eventually(Duration::from_secs(5), "no member available", || async {
-        proxy.metric("geoproxy_no_member_available").await == 1.0
-    })
-    .await;
+    wait_metric(&proxy, "geoproxy_no_member_available", 1.0).await;
     assert_eq!(proxy.get("/ready").await.0, 503);
     // Answered at once, not after unavailable_timeout (10 s).
     let started = std::time::Instant::now();

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -36,7 +36,7 @@ pub enum Answer {
 struct Answers {
     plain: Option<Answer>,
     lag: Option<Answer>,
-    /// Query strings of the requests received, in order.
+    /// Path and query of the requests received, in order.
     seen: Vec<String>,
 }
 
@@ -142,7 +142,7 @@ impl RestApi {
         self.lock().lag = Some(answer);
     }
 
-    /// The query strings received so far.
+    /// The paths and queries received so far.
     pub fn seen(&self) -> Vec<String> {
         self.lock().seen.clone()
     }
@@ -162,6 +162,7 @@ async fn availability(
     State(answers): State<Arc<Mutex<Answers>>>,
     Path(uid): Path<u64>,
     Query(query): Query<Vec<(String, String)>>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     let expected = format!("Basic {}", base64(format!("{USER}:{PASSWORD}").as_bytes()));
@@ -178,8 +179,7 @@ async fn availability(
     }
     let lag = query.iter().any(|(k, v)| k == "extend_check" && v == "lag");
     let mut a = answers.lock().unwrap();
-    let text: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    a.seen.push(text.join("&"));
+    a.seen.push(uri.to_string());
     let answer = if lag { a.lag.clone() } else { a.plain.clone() };
     match answer {
         Some(Answer::Available) | None => StatusCode::OK.into_response(),
