@@ -238,8 +238,11 @@ impl Link {
         let mut conn = open(&member.config, &mut buf, self.connect_timeout).await?;
         let mut args = vec![b"SUBSCRIBE".to_vec()];
         args.extend(self.channels.iter().map(|c| c.clone().into_bytes()));
-        // The first confirmation; the others pass through the loop below.
-        request(&mut conn, &mut buf, &args).await?;
+        // The first confirmation; the others pass through the loop below. Bounded: a
+        // connection that a partition holds open would otherwise wait here forever.
+        let key = "health.replication.timeout";
+        let subscribed = request(&mut conn, &mut buf, &args);
+        within(self.timeout, "SUBSCRIBE", key, subscribed).await?;
         // Every round publishes on every member, its own included: a subscriber that hears
         // nothing for three rounds is on a dead connection (a partition that holds it open).
         let silence = self.retry * 3 + self.timeout;
