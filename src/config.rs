@@ -6,13 +6,16 @@
 //! [`validate`] turns those into a [`Config`], collecting *every* error with the path of the key
 //! that caused it. Nothing binds a port before this has succeeded.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::tls::{Acceptor, Connector, ListenerTls, MemberTls, MinVersion};
 
 pub use crate::health::verdict::{Policy, Role};
 
@@ -128,6 +131,50 @@ pub struct Config {
     pub health: HealthConfig,
     pub failover: FailoverConfig,
     pub log: LogConfig,
+    pub commands: CommandPolicy,
+}
+
+/// Who checks a client's password.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The member: the client's AUTH / HELLO AUTH is forwarded, and replayed on a switch.
+    #[default]
+    Passthrough,
+    /// geoproxy, against `[[proxy.users]]`; members get their own `username`/`password`.
+    Proxy,
+}
+
+/// A user clients authenticate as with `proxy.auth = "proxy"`.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub password: Secret,
+}
+
+/// The TLS listener beside the plain one (Redis's `tls-port`).
+#[derive(Clone, Debug)]
+pub struct TlsListenerConfig {
+    pub listen: SocketAddr,
+    pub acceptor: Arc<Acceptor>,
+}
+
+/// Commands clients may not run through the proxy (`[commands]`). Names are lower case.
+#[derive(Clone, Debug, Default)]
+pub struct CommandPolicy {
+    /// Answered with an error and counted (`deny`).
+    pub deny: HashSet<Vec<u8>>,
+    /// Redis's `rename-command`: the new name (lower case) -> the command's own name, as
+    /// the member knows it.
+    pub renamed: HashMap<Vec<u8>, Vec<u8>>,
+    /// Original names that were renamed (or renamed to ""): unknown to clients, as in Redis.
+    pub hidden: HashSet<Vec<u8>>,
+}
+
+impl CommandPolicy {
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.renamed.is_empty() && self.hidden.is_empty()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -153,6 +200,11 @@ pub struct ProxyConfig {
     /// same port (SO_REUSEPORT), serving the sessions it accepted (0 in the file = one per
     /// core, resolved here).
     pub threads: usize,
+    /// `[proxy.tls]`: a TLS listener beside the plain one.
+    pub tls: Option<TlsListenerConfig>,
+    pub auth: AuthMode,
+    /// `[[proxy.users]]`, with `auth = "proxy"`.
+    pub users: Vec<User>,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +230,8 @@ pub struct MemberConfig {
     pub api: Option<String>,
     /// The database's uid in that cluster.
     pub bdb: Option<u64>,
+    /// `tls = true`: sessions and checks reach this member over TLS.
+    pub tls: Option<Connector>,
 }
 
 #[derive(Clone, Debug)]
@@ -440,6 +494,36 @@ mod raw {
         pub failover: Failover,
         #[serde(default)]
         pub log: Log,
+        #[serde(default)]
+        pub commands: Commands,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Commands {
+        #[serde(default)]
+        pub deny: Vec<String>,
+        #[serde(default)]
+        pub rename: HashMap<String, String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ProxyTls {
+        pub listen: String,
+        pub cert_file: String,
+        pub key_file: String,
+        pub client_ca_file: Option<String>,
+        pub min_version: Option<MinVersion>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct User {
+        pub name: String,
+        pub password: Option<String>,
+        pub password_file: Option<String>,
+        pub password_env: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -461,6 +545,10 @@ mod raw {
         pub client_idle_timeout: Option<Duration>,
         pub client_query_buffer_limit: Option<Size>,
         pub threads: Option<usize>,
+        pub tls: Option<ProxyTls>,
+        pub auth: Option<AuthMode>,
+        #[serde(default)]
+        pub users: Vec<User>,
     }
 
     #[derive(Deserialize)]
@@ -485,6 +573,12 @@ mod raw {
         pub password_file: Option<String>,
         /// An environment variable holding the password.
         pub password_env: Option<String>,
+        pub tls: Option<bool>,
+        pub tls_ca_file: Option<String>,
+        pub tls_server_name: Option<String>,
+        pub tls_cert_file: Option<String>,
+        pub tls_key_file: Option<String>,
+        pub tls_verify: Option<bool>,
     }
 
     #[derive(Deserialize, Default)]
@@ -610,17 +704,18 @@ mod raw {
 /// Turns the file as written into a [`Config`], listing every problem with its key.
 fn validate(raw: raw::File) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
-    let mut addr = |key: &str, value: &str| match value.parse::<SocketAddr>() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            problems.push(format!(
-                "{key}: \"{value}\" is not an ip:port address (for example \"127.0.0.1:6380\")"
-            ));
-            None
-        }
-    };
-    let listen = addr("proxy.listen", &raw.proxy.listen);
-    let admin_listen = addr("admin.listen", &raw.admin.listen);
+    let addr =
+        |problems: &mut Vec<String>, key: &str, value: &str| match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!(
+                    "{key}: \"{value}\" is not an ip:port address (for example \"127.0.0.1:6380\")"
+                ));
+                None
+            }
+        };
+    let listen = addr(&mut problems, "proxy.listen", &raw.proxy.listen);
+    let admin_listen = addr(&mut problems, "admin.listen", &raw.admin.listen);
     if listen.is_some_and(|l| l.port() != 0) && listen == admin_listen {
         problems.push("admin.listen: must differ from proxy.listen".into());
     }
@@ -778,6 +873,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 ));
             }
         }
+        let tls = member_tls(&mut problems, &key, &m);
         members.push(MemberConfig {
             id: m.id,
             address: m.address,
@@ -786,6 +882,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             password,
             api: m.api,
             bdb: m.bdb,
+            tls,
         });
     }
     if let Some(region) = &p.region {
@@ -825,6 +922,35 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         problems.push("failover.flap_hold_max: must be at least failover.failback_after".into());
     }
 
+    let tls = p.tls.as_ref().and_then(|t| {
+        let listen = addr(&mut problems, "proxy.tls.listen", &t.listen)?;
+        let settings = ListenerTls {
+            cert_file: t.cert_file.clone(),
+            key_file: t.key_file.clone(),
+            client_ca_file: t.client_ca_file.clone(),
+            min_version: t.min_version.unwrap_or_default(),
+        };
+        match Acceptor::new(settings) {
+            Ok(acceptor) => Some(TlsListenerConfig {
+                listen,
+                acceptor: Arc::new(acceptor),
+            }),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        }
+    });
+    if let (Some(t), Some(l)) = (&tls, listen) {
+        if t.listen.port() != 0 && (t.listen == l || Some(t.listen) == admin_listen) {
+            problems
+                .push("proxy.tls.listen: must differ from proxy.listen and admin.listen".into());
+        }
+    }
+    let auth = p.auth.unwrap_or_default();
+    let users = validate_users(&mut problems, auth, &p.users);
+    let commands = validate_commands(&mut problems, &raw.commands);
+
     let (Some(listen), Some(admin_listen), true) = (listen, admin_listen, problems.is_empty())
     else {
         return Err(ConfigError { problems });
@@ -845,6 +971,9 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
             },
+            tls,
+            auth,
+            users,
         },
         admin: AdminConfig {
             listen: admin_listen,
@@ -877,7 +1006,125 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         log: LogConfig {
             format: raw.log.format,
         },
+        commands,
     })
+}
+
+/// A member's `tls*` keys, its files read now.
+fn member_tls(problems: &mut Vec<String>, key: &str, m: &raw::Member) -> Option<Connector> {
+    let any_key = m.tls_ca_file.is_some()
+        || m.tls_server_name.is_some()
+        || m.tls_cert_file.is_some()
+        || m.tls_key_file.is_some()
+        || m.tls_verify.is_some();
+    if !m.tls.unwrap_or(false) {
+        if any_key {
+            problems.push(format!("{key}: tls_* keys need tls = true"));
+        }
+        return None;
+    }
+    let host = m
+        .address
+        .rsplit_once(':')
+        .map_or(m.address.as_str(), |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let settings = MemberTls {
+        ca_file: m.tls_ca_file.clone(),
+        server_name: m
+            .tls_server_name
+            .clone()
+            .unwrap_or_else(|| host.to_string()),
+        cert_file: m.tls_cert_file.clone(),
+        key_file: m.tls_key_file.clone(),
+        verify: m.tls_verify.unwrap_or(true),
+    };
+    if !settings.verify && settings.ca_file.is_some() {
+        problems.push(format!(
+            "{key}.tls_ca_file: not used with tls_verify = false"
+        ));
+    }
+    Connector::new(key, settings)
+        .map_err(|e| problems.push(e))
+        .ok()
+}
+
+/// `[[proxy.users]]`: required (and only allowed) with `auth = "proxy"`.
+fn validate_users(problems: &mut Vec<String>, auth: AuthMode, raw: &[raw::User]) -> Vec<User> {
+    if auth == AuthMode::Passthrough {
+        if !raw.is_empty() {
+            problems.push("proxy.users: only used with proxy.auth = \"proxy\"".into());
+        }
+        return Vec::new();
+    }
+    if raw.is_empty() {
+        problems
+            .push("proxy.users: proxy.auth = \"proxy\" needs at least one [[proxy.users]]".into());
+    }
+    let mut names = HashSet::new();
+    let mut users = Vec::new();
+    for (i, u) in raw.iter().enumerate() {
+        let key = format!("proxy.users[{i}]");
+        if u.name.is_empty() || !u.name.chars().all(|c| c.is_ascii_graphic()) {
+            problems.push(format!(
+                "{key}.name: must be non-empty printable ASCII without spaces"
+            ));
+        } else if !names.insert(u.name.clone()) {
+            problems.push(format!("{key}.name: duplicate user \"{}\"", u.name));
+        }
+        let password = secret(
+            problems,
+            &key,
+            u.password.as_deref(),
+            u.password_file.as_deref(),
+            u.password_env.as_deref(),
+        );
+        let given = u.password.is_some() || u.password_file.is_some() || u.password_env.is_some();
+        match password {
+            Some(password) => users.push(User {
+                name: u.name.clone(),
+                password,
+            }),
+            None if !given => problems.push(format!("{key}: a password is required")),
+            None => {} // its problem is listed already
+        }
+    }
+    users
+}
+
+/// `[commands]`: `deny` and `rename` (Redis's `rename-command`; "" disables a command).
+fn validate_commands(problems: &mut Vec<String>, raw: &raw::Commands) -> CommandPolicy {
+    let name_ok = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_graphic());
+    let mut policy = CommandPolicy::default();
+    for (i, name) in raw.deny.iter().enumerate() {
+        if !name_ok(name) {
+            problems.push(format!(
+                "commands.deny[{i}]: \"{name}\" is not a command name"
+            ));
+        }
+        policy.deny.insert(name.to_ascii_lowercase().into_bytes());
+    }
+    for (from, to) in &raw.rename {
+        if !name_ok(from) {
+            problems.push(format!("commands.rename: \"{from}\" is not a command name"));
+        }
+        if !to.is_empty() && !name_ok(to) {
+            problems.push(format!(
+                "commands.rename.{from}: \"{to}\" is not a command name (\"\" disables it)"
+            ));
+        }
+        let from = from.to_ascii_lowercase().into_bytes();
+        policy.hidden.insert(from.clone());
+        if !to.is_empty() {
+            let to = to.to_ascii_lowercase().into_bytes();
+            if policy.renamed.insert(to.clone(), from).is_some() {
+                problems.push(format!(
+                    "commands.rename: two commands renamed to \"{}\"",
+                    String::from_utf8_lossy(&to)
+                ));
+            }
+        }
+    }
+    policy
 }
 
 /// The checks beyond `[health]`'s own keys.
@@ -1383,6 +1630,74 @@ mod tests {
         ] {
             assert!(p.contains(key), "no problem names {key}:\n{p}");
         }
+    }
+
+    #[test]
+    fn tls_auth_and_command_keys_name_their_problems() {
+        let member = "region = \"us-east\"";
+        let cases: &[(&str, &str, &str)] = &[
+            (member, "region = \"us-east\"\ntls_verify = false", "members[0]: tls_* keys need tls = true"),
+            (
+                member,
+                "region = \"us-east\"\ntls = true\ntls_ca_file = \"/nonexistent/ca.pem\"",
+                "members[0].tls_ca_file: cannot read \"/nonexistent/ca.pem\"",
+            ),
+            (
+                member,
+                "region = \"us-east\"\ntls = true\ntls_cert_file = \"/x.pem\"",
+                "members[0]: tls_cert_file and tls_key_file go together",
+            ),
+            (
+                "mode = \"colocated\"",
+                "mode = \"colocated\"\ntls = { listen = \"127.0.0.1:6390\", cert_file = \"/no.pem\", key_file = \"/no.key\" }",
+                "proxy.tls.cert_file: cannot read \"/no.pem\"",
+            ),
+            (
+                "mode = \"colocated\"",
+                "mode = \"colocated\"\nauth = \"proxy\"",
+                "proxy.users: proxy.auth = \"proxy\" needs at least one [[proxy.users]]",
+            ),
+            (
+                "mode = \"colocated\"",
+                "mode = \"colocated\"\nusers = [{ name = \"a\", password = \"b\" }]",
+                "proxy.users: only used with proxy.auth = \"proxy\"",
+            ),
+            (
+                "mode = \"colocated\"",
+                "mode = \"colocated\"\nauth = \"proxy\"\nusers = [{ name = \"a\" }]",
+                "proxy.users[0]: a password is required",
+            ),
+            (
+                "[admin]",
+                "[commands]\nrename = { GET = \"X\", SET = \"x\" }\n[admin]",
+                "commands.rename: two commands renamed to \"x\"",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = MINIMAL.replacen(from, to, 1);
+            let p = problems(&text);
+            assert!(p.iter().any(|p| p.starts_with(want)), "{want}: got {p:?}");
+        }
+    }
+
+    /// Every example in `config/` is valid, but for the files and variables it names that
+    /// exist only where it is deployed.
+    #[test]
+    fn every_example_in_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            seen += 1;
+            if let Err(e) = Config::load(&path) {
+                let elsewhere = |p: &String| p.contains("cannot read") || p.contains("is not set");
+                assert!(e.problems.iter().all(elsewhere), "{}: {e}", path.display());
+            }
+        }
+        assert!(seen >= 4);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! - [`admin`]: `/live /ready /metrics /v1/status`, `POST /v1/switchover`.
 //!
 //! Data path (one task per client):
-//! - [`listener`]: accepts clients, enforces `max_clients`.
+//! - [`listener`]: accepts clients (plain TCP, and TLS with `[proxy.tls]`), enforces
+//!   `max_clients`.
 //! - [`session`]: one client and its pinned [`upstream`]; forwards RESP found by [`resp`].
+//! - [`stream`] and [`tls`]: a connection either side, plain or TLS.
 //!
 //! Shared: [`config`] (the file contract), [`member`] (members and their health snapshot),
 //! [`metrics`].
@@ -29,6 +31,8 @@ pub mod metrics;
 pub mod resp;
 pub mod router;
 pub mod session;
+pub mod stream;
+pub mod tls;
 pub mod upstream;
 
 use std::io;
@@ -46,18 +50,22 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::admin::AdminState;
-use crate::config::HealthConfig;
+use crate::config::{AuthMode, HealthConfig};
 use crate::health::replication::Matrix;
 use crate::listener::Listener;
 use crate::member::Members;
 use crate::metrics::Metrics;
 use crate::router::{GateCell, History, Route, Router, RouterTask};
+use crate::session::policy::{login, Rules};
 use crate::session::Context;
+use crate::tls::Acceptor;
 
 /// A proxy whose ports are bound, ready to [`Server::run`].
 pub struct Server {
     config: Config,
     listener: TcpListener,
+    /// The TLS listener (`[proxy.tls]`).
+    tls_listener: Option<TcpListener>,
     admin: TcpListener,
     metrics: Metrics,
 }
@@ -78,14 +86,30 @@ impl Server {
                 format!("cannot listen on {addr} (proxy.listen): {e}"),
             )
         })?;
+        let tls_listener = match &config.proxy.tls {
+            None => None,
+            Some(tls) => Some(listen(tls.listen, shared).map_err(|e| {
+                let addr = tls.listen;
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (proxy.tls.listen): {e}"),
+                )
+            })?),
+        };
         let admin = bind(config.admin.listen, "admin.listen").await?;
         let metrics = Metrics::new(prometheus::Registry::new());
         Ok(Server {
             config,
             listener,
+            tls_listener,
             admin,
             metrics,
         })
+    }
+
+    /// Where TLS clients connect, with `[proxy.tls]`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Where Redis clients connect.
@@ -108,9 +132,22 @@ impl Server {
         let Server {
             config,
             listener,
+            tls_listener,
             admin,
             metrics,
         } = self;
+        for m in config.members.iter().filter(|m| m.tls.is_some()) {
+            if m.tls.as_ref().is_some_and(|t| !t.settings.verify) {
+                warn!(
+                    member = m.id,
+                    "tls_verify = false: the member's certificate is not checked"
+                );
+            }
+        }
+        let acceptor = config.proxy.tls.as_ref().map(|t| t.acceptor.clone());
+        if let Some(acceptor) = acceptor.clone() {
+            tokio::spawn(reload_certificates_on_sighup(acceptor, shutdown.clone()));
+        }
         let slots = health::plan(&config.health);
         let members = Members::new(
             &config.members,
@@ -184,6 +221,19 @@ impl Server {
             retry_reads: config.failover.retry_reads,
             client_idle_timeout: config.proxy.client_idle_timeout,
             query_buffer_limit: config.proxy.client_query_buffer_limit,
+            rules: Rules {
+                commands: config.commands.clone(),
+                users: (config.proxy.auth == AuthMode::Proxy).then(|| config.proxy.users.clone()),
+            },
+            logins: config
+                .members
+                .iter()
+                .map(|m| {
+                    let proxy_auth = config.proxy.auth == AuthMode::Proxy;
+                    let password = m.password.as_ref().filter(|_| proxy_auth)?;
+                    Some(login(m.username.as_deref(), password.expose()))
+                })
+                .collect(),
         });
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.proxy.max_clients));
@@ -191,32 +241,52 @@ impl Server {
         // on the same port (SO_REUSEPORT: the kernel spreads new connections).
         let mut workers = Vec::new();
         let addr = listener.local_addr().unwrap_or(config.proxy.listen);
+        let tls_addr = tls_listener.as_ref().and_then(|l| l.local_addr().ok());
         for n in 1..config.proxy.threads.max(1) {
-            let listener = match listen(addr, true) {
-                Ok(l) => l,
+            let sockets = listen(addr, true).and_then(|plain| {
+                let tls = tls_addr.map(|a| listen(a, true)).transpose()?;
+                Ok((plain, tls))
+            });
+            let (plain, tls) = match sockets {
+                Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, worker = n, "cannot open another listener; fewer workers");
                     break;
                 }
             };
-            let worker = Listener {
+            let sessions = TaskTracker::new();
+            let worker = |listener, tls| Listener {
                 listener,
+                tls,
                 ctx: ctx.clone(),
                 route: route_rx.clone(),
                 limit: limit.clone(),
-                sessions: TaskTracker::new(),
+                sessions: sessions.clone(),
             };
+            let mut listeners = vec![worker(plain, None)];
+            if let Some(tls) = tls {
+                listeners.push(worker(tls, acceptor.clone()));
+            }
             let (shutdown, drain) = (shutdown.clone(), config.proxy.shutdown_timeout);
             let spawned = std::thread::Builder::new()
                 .name(format!("geoproxy-worker-{n}"))
-                .spawn(move || worker.run_on_own_runtime(shutdown, drain));
+                .spawn(move || Listener::run_on_own_runtime(listeners, sessions, shutdown, drain));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(e) => warn!(error = %e, worker = n, "cannot start a worker thread"),
             }
         }
+        let tls_listener = tls_listener.map(|l| Listener {
+            listener: l,
+            tls: acceptor,
+            ctx: ctx.clone(),
+            route: route_rx.clone(),
+            limit: limit.clone(),
+            sessions: sessions.clone(),
+        });
         let listener = Listener {
             listener,
+            tls: None,
             ctx,
             route: route_rx,
             limit,
@@ -224,11 +294,17 @@ impl Server {
         };
         info!(
             listen = %config.proxy.listen,
+            tls_listen = ?config.proxy.tls.as_ref().map(|t| t.listen),
             admin = %config.admin.listen,
             members = config.members.len(),
             "geoproxy serving"
         );
-        listener.run(shutdown.clone()).await;
+        match tls_listener {
+            None => listener.run(shutdown.clone()).await,
+            Some(tls) => {
+                tokio::join!(listener.run(shutdown.clone()), tls.run(shutdown.clone()));
+            }
+        }
 
         // Shutdown: not ready, no new clients; sessions drain what they owe (the workers
         // drain theirs on their own threads).
@@ -309,6 +385,29 @@ impl Control {
                     tasks.wait().await;
                 });
             })
+    }
+}
+
+/// SIGHUP reads the TLS listener's certificate, key and client CA files again; sessions
+/// already open keep theirs. An unreadable or mismatched file is logged and the running
+/// certificate stays. (Other configuration changes still need a restart.)
+async fn reload_certificates_on_sighup(acceptor: Arc<Acceptor>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        warn!("cannot install the SIGHUP handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = hangups.recv() => if got.is_none() { return },
+        }
+        match acceptor.reload() {
+            Ok(()) => info!("SIGHUP: TLS certificates reloaded"),
+            Err(e) => {
+                warn!(error = %e, "SIGHUP: TLS certificates not reloaded; the running ones stay")
+            }
+        }
     }
 }
 

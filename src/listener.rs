@@ -1,5 +1,5 @@
 //! The accept loop: enforces `max_clients`, backs off on accept errors, and spawns one
-//! session task per client.
+//! session task per client (which, on the TLS listener, first finishes the handshake).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,8 @@ use tracing::{debug, warn, Instrument};
 use crate::metrics::Metrics;
 use crate::router::Route;
 use crate::session::{Context, Session};
+use crate::stream::Stream;
+use crate::tls::Acceptor;
 
 /// What Redis answers when `maxclients` is reached.
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
@@ -46,6 +48,8 @@ impl Drop for OpenSession {
 
 pub struct Listener {
     pub listener: TcpListener,
+    /// `Some` on the TLS listener (`[proxy.tls]`).
+    pub tls: Option<Arc<Acceptor>>,
     pub ctx: Arc<Context>,
     pub route: watch::Receiver<Route>,
     /// One permit per open session.
@@ -55,9 +59,14 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Runs this listener on a single-threaded runtime of its own (a worker thread), then
-    /// drains its sessions for up to `drain`.
-    pub fn run_on_own_runtime(self, shutdown: CancellationToken, drain: Duration) {
+    /// Runs these listeners (a worker's plain and TLS sockets) on a single-threaded runtime
+    /// of its own (a worker thread), then drains their sessions for up to `drain`.
+    pub fn run_on_own_runtime(
+        listeners: Vec<Listener>,
+        sessions: TaskTracker,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -68,9 +77,13 @@ impl Listener {
                 return;
             }
         };
-        let sessions = self.sessions.clone();
         runtime.block_on(async move {
-            self.run(shutdown).await;
+            let accepting = TaskTracker::new();
+            for listener in listeners {
+                accepting.spawn(listener.run(shutdown.clone()));
+            }
+            accepting.close();
+            accepting.wait().await;
             sessions.close();
             let _ = tokio::time::timeout(drain, sessions.wait()).await;
         });
@@ -98,20 +111,33 @@ impl Listener {
             };
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 self.ctx.metrics.sessions_rejected.inc();
-                // Best effort, never blocking the accept loop.
-                let _ = client.try_write(MAX_CLIENTS_REPLY);
+                // Best effort, never blocking the accept loop (a TLS client just closes).
+                if self.tls.is_none() {
+                    let _ = client.try_write(MAX_CLIENTS_REPLY);
+                }
                 debug!(client.addr = %addr, "max_clients reached");
                 continue;
             };
             let _ = client.set_nodelay(true);
             self.ctx.metrics.sessions_total.inc();
             let open = OpenSession::new(&self.ctx.metrics, permit);
-            let session = Session::new(self.ctx.clone(), client, self.route.clone());
+            let (ctx, route, tls) = (self.ctx.clone(), self.route.clone(), self.tls.clone());
             let span = tracing::debug_span!("session", client.addr = %addr);
             let shutdown = shutdown.clone();
             self.sessions.spawn(
                 async move {
-                    session.run(shutdown).await;
+                    let client = match tls {
+                        None => Stream::Tcp(client),
+                        Some(tls) => match tls.accept(client).await {
+                            Ok(stream) => stream,
+                            Err(e) => {
+                                ctx.metrics.tls_handshake_failures.inc();
+                                debug!(error = %e, "TLS handshake with a client failed");
+                                return;
+                            }
+                        },
+                    };
+                    Session::new(ctx, client, route).run(shutdown).await;
                     drop(open);
                 }
                 .instrument(span),

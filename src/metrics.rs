@@ -35,6 +35,9 @@ pub struct Metrics {
     pub retried_reads: IntCounter,
     pub protocol_errors: IntCounter,
     pub move_duration: Histogram,
+    pub tls_handshake_failures: IntCounter,
+    pub auth_failures: IntCounter,
+    denied_commands: IntCounterVec,
 }
 
 macro_rules! register {
@@ -256,6 +259,31 @@ impl Metrics {
                     "Sessions closed for malformed RESP from the client or the member."
                 )
             ),
+            tls_handshake_failures: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_client_tls_handshake_failures_total",
+                    "Clients of the TLS listener whose handshake failed or timed out."
+                )
+            ),
+            auth_failures: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_auth_failures_total",
+                    "AUTH and HELLO AUTH refused by proxy authentication (proxy.auth = \"proxy\")."
+                )
+            ),
+            denied_commands: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_denied_commands_total",
+                        "Commands refused by the command policy ([commands] deny and renamed \
+                         commands), by the configured name."
+                    ),
+                    &["command"]
+                )
+            ),
             move_duration: register!(
                 r,
                 Histogram::with_opts(
@@ -345,6 +373,11 @@ impl Metrics {
     /// The command counter of one member, resolved once per upstream (not per command).
     pub fn commands(&self, member: &str) -> IntCounter {
         self.commands.with_label_values(&[member])
+    }
+
+    /// A command the policy refused (`command`: a configured name, so the label is bounded).
+    pub fn denied(&self, command: &str) {
+        self.denied_commands.with_label_values(&[command]).inc();
     }
 
     pub fn inflight_errors(&self, member: &str, n: u64) {

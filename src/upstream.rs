@@ -5,13 +5,15 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::config::MemberConfig;
 use crate::member::{Member, MemberIdx};
 use crate::resp::reply::{first_frame, Reply};
 use crate::resp::ProtocolError;
 use crate::session::state::SessionState;
+use crate::stream::Stream;
 
 /// Why a connection to a member could not be made ready. Every variant but `Rejected` means
 /// the member (or the way to it) failed; `Rejected` is about this session's own state.
@@ -19,6 +21,8 @@ use crate::session::state::SessionState;
 pub enum UpstreamError {
     #[error("connect to {address}: {source}")]
     Connect { address: String, source: io::Error },
+    #[error("TLS handshake with {address}: {source}")]
+    Tls { address: String, source: io::Error },
     #[error("no answer from {0} within the connect timeout")]
     Timeout(String),
     #[error("connection lost during handshake: {0}")]
@@ -45,18 +49,20 @@ pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 #[derive(Debug)]
 pub struct Upstream {
     pub member: MemberIdx,
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// What the member sent after the replay (messages on re-made subscriptions), to be
     /// forwarded before anything else.
     pub early: BytesMut,
 }
 
 /// Opens a connection to `member` and replays `state` on it (subscriptions included), all
-/// within `timeout`.
+/// within `timeout`. `login` (with `proxy.auth = "proxy"`: the member's own credentials)
+/// goes first.
 pub async fn open(
     member: &Member,
     idx: MemberIdx,
     state: &SessionState,
+    login: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let address = &member.config.address;
@@ -66,8 +72,13 @@ pub async fn open(
     // backlog.
     let _permit = member.connects.acquire().await;
     let ready = async {
-        let mut stream = connect(address).await?;
-        let (mut commands, replies) = state.replay_commands();
+        let mut stream = connect(&member.config).await?;
+        let (mut replay, replies) = state.replay_commands();
+        let (mut commands, replies) = match login {
+            Some(login) => (login.to_vec(), replies + 1),
+            None => (Vec::new(), replies),
+        };
+        commands.append(&mut replay);
         let (subscribe, confirmations) = state.subscription_commands();
         commands.extend_from_slice(&subscribe);
         let mut buf = BytesMut::new();
@@ -75,10 +86,10 @@ pub async fn open(
         if commands.is_empty() {
             // Nothing to replay: a PING proves the member took the connection (any reply
             // does, `-NOAUTH` included; it is not the client's).
-            stream.write_all(PING).await?;
+            stream.send(PING).await?;
             read_reply(&mut stream, &mut buf).await?;
         } else {
-            stream.write_all(&commands).await?;
+            stream.send(&commands).await?;
             for _ in 0..replies {
                 let reply = read_reply(&mut stream, &mut buf).await?;
                 if matches!(reply.first(), Some(b'-' | b'!')) {
@@ -113,22 +124,30 @@ pub async fn open(
     }
 }
 
-/// TCP connect with Nagle off. `address` is `host:port`; the host is resolved now.
-pub async fn connect(address: &str) -> Result<TcpStream, UpstreamError> {
-    let stream = TcpStream::connect(address)
+/// TCP connect with Nagle off, then the TLS handshake for a member with `tls = true`. The
+/// host of `host:port` is resolved now.
+pub async fn connect(member: &MemberConfig) -> Result<Stream, UpstreamError> {
+    let address = &member.address;
+    let tcp = TcpStream::connect(address)
         .await
         .map_err(|source| UpstreamError::Connect {
-            address: address.to_string(),
+            address: address.clone(),
             source,
         })?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    tcp.set_nodelay(true)?;
+    match &member.tls {
+        None => Ok(Stream::Tcp(tcp)),
+        Some(tls) => tls.connect(tcp).await.map_err(|source| UpstreamError::Tls {
+            address: address.clone(),
+            source,
+        }),
+    }
 }
 
 /// Reads the next reply frame (pushes skipped) and returns its bytes; bytes after it stay in
 /// `buf`. For short exchanges only: the frame is held whole.
 pub async fn read_reply(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<BytesMut, UpstreamError> {
     Ok(read_frame(stream, buf, true).await?.1)
@@ -136,7 +155,7 @@ pub async fn read_reply(
 
 /// Reads the next frame (optionally skipping pushes) and returns it with its bytes.
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     skip_pushes: bool,
 ) -> Result<(Reply, BytesMut), UpstreamError> {

@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
+use crate::stream::Stream;
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 
 use super::check::Check;
 use super::ping::{open, request, within};
@@ -31,7 +31,7 @@ pub struct KeyspaceCheck {
     ttl: Duration,
     connect_timeout: Duration,
     timeout: Duration,
-    conn: Option<TcpStream>,
+    conn: Option<Stream>,
     buf: BytesMut,
 }
 

@@ -2,17 +2,15 @@
 //! (or, with `health.ping.echo`, echoes a random token: proof the reply is this check's).
 //!
 //! Two timeouts, each named in the error it gives: `connect_timeout` for the handshake of a
-//! fresh connection (TCP connect and AUTH; TLS later), `timeout` for the PING on it. The
+//! fresh connection (TCP connect, TLS and AUTH), `timeout` for the PING on it. The
 //! connection is kept between checks and opened anew every `reconnect_interval` (host name
 //! resolved again, and proof the member still accepts connections); any failure or timeout
 //! drops it, so a late reply to an abandoned check is never read as the next one's answer.
 
-use std::io::ErrorKind;
 use std::time::Duration;
 
+use crate::stream::Stream;
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use tracing::debug;
@@ -34,7 +32,7 @@ pub struct PingCheck {
     connect_timeout: Duration,
     timeout: Duration,
     reconnect_interval: Duration,
-    conn: Option<(TcpStream, Instant)>,
+    conn: Option<(Stream, Instant)>,
     buf: BytesMut,
 }
 
@@ -54,11 +52,8 @@ impl PingCheck {
     /// A kept connection the member closed meanwhile (its `timeout`, a `CLIENT KILL`) is
     /// no evidence against the member: the check opens a fresh one.
     pub async fn periodic(&mut self, member: &MemberConfig) -> Result<(), String> {
-        if let Some((conn, opened)) = &self.conn {
-            let mut byte = [0u8; 1];
-            let idle =
-                matches!(conn.try_read(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock);
-            if !idle || opened.elapsed() >= self.reconnect_interval {
+        if let Some((conn, opened)) = &mut self.conn {
+            if !conn.is_idle() || opened.elapsed() >= self.reconnect_interval {
                 self.reset();
             }
         }
@@ -85,7 +80,7 @@ impl PingCheck {
         };
         let buf = &mut self.buf;
         let fetch = async {
-            conn.write_all(COMMAND).await.map_err(|e| e.to_string())?;
+            conn.send(COMMAND).await.map_err(|e| e.to_string())?;
             let reply = read_reply(conn, buf).await.map_err(|e| e.to_string())?;
             CommandTable::parse(&reply)
                 .ok_or_else(|| format!("COMMAND answered: {}", error_line(&reply)))
@@ -137,7 +132,7 @@ impl PingCheck {
         } else {
             ("PING", PING.to_vec(), b"+PONG\r\n".to_vec())
         };
-        conn.write_all(&request).await.map_err(|e| e.to_string())?;
+        conn.send(&request).await.map_err(|e| e.to_string())?;
         let reply = read_reply(conn, &mut self.buf)
             .await
             .map_err(|e| e.to_string())?;
@@ -157,7 +152,7 @@ pub(super) async fn open(
     member: &MemberConfig,
     buf: &mut BytesMut,
     limit: Duration,
-) -> Result<TcpStream, String> {
+) -> Result<Stream, String> {
     match timeout(limit, handshake(member, buf)).await {
         Ok(result) => result,
         Err(_) => Err(format!(
@@ -168,8 +163,8 @@ pub(super) async fn open(
     }
 }
 
-async fn handshake(member: &MemberConfig, buf: &mut BytesMut) -> Result<TcpStream, String> {
-    let mut conn = connect(&member.address).await.map_err(|e| e.to_string())?;
+async fn handshake(member: &MemberConfig, buf: &mut BytesMut) -> Result<Stream, String> {
+    let mut conn = connect(member).await.map_err(|e| e.to_string())?;
     if let Some(password) = &member.password {
         let mut args = vec![b"AUTH".to_vec()];
         args.extend(member.username.iter().map(|u| u.as_bytes().to_vec()));
@@ -184,13 +179,13 @@ async fn handshake(member: &MemberConfig, buf: &mut BytesMut) -> Result<TcpStrea
 
 /// Sends one command and reads its whole reply.
 pub(super) async fn request(
-    conn: &mut TcpStream,
+    conn: &mut Stream,
     buf: &mut BytesMut,
     args: &[Vec<u8>],
 ) -> Result<BytesMut, String> {
     let mut bytes = Vec::new();
     encode_command(args, &mut bytes);
-    conn.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    conn.send(&bytes).await.map_err(|e| e.to_string())?;
     read_reply(conn, buf).await.map_err(|e| e.to_string())
 }
 

@@ -21,9 +21,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::stream::Stream;
 use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -174,7 +174,7 @@ impl Link {
     /// missed (a hung member) is never published late: its token simply never arrives.
     async fn publish(self, mut rounds: watch::Receiver<u64>, shutdown: CancellationToken) {
         let member = self.members.get(self.idx);
-        let mut conn: Option<TcpStream> = None;
+        let mut conn: Option<Stream> = None;
         let mut buf = BytesMut::new();
         loop {
             tokio::select! {

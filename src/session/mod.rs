@@ -6,7 +6,8 @@
 //! - [`moving`]: when and how the session moves to another member, and what happens to
 //!   commands in flight when its member fails;
 //! - [`transaction`]: the proxy's answers inside a transaction the member lost;
-//! - [`timers`]: reply timeout, unavailable timeout, move backoff, client idle timeout.
+//! - [`timers`]: reply timeout, unavailable timeout, move backoff, client idle timeout;
+//! - [`policy`]: denied and renamed commands, and authentication with `proxy.auth = "proxy"`.
 //!
 //! The pump forwards the client's bytes in batches (every complete command read at once goes
 //! out in one write, so pipelines stay pipelines; a large command streams out as it arrives)
@@ -15,6 +16,7 @@
 
 pub mod ledger;
 mod moving;
+pub mod policy;
 pub mod state;
 pub mod timers;
 pub mod transaction;
@@ -30,7 +32,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -44,9 +45,11 @@ use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{self, RequestScanner};
 use crate::resp::ProtocolError;
 use crate::router::Route;
+use crate::stream::Stream;
 use crate::upstream::Upstream;
 use ledger::{needs_args, Command, Frame, Ledger};
 use moving::AwaitingVerdict;
+use policy::{Rules, Screen, Standing};
 use timers::{block_deadline, Backoff, Timer};
 use transaction::Broken;
 
@@ -81,6 +84,21 @@ pub struct Context {
     pub client_idle_timeout: Option<Duration>,
     /// `proxy.client_query_buffer_limit`.
     pub query_buffer_limit: usize,
+    /// The command policy and proxy authentication.
+    pub rules: Rules,
+    /// Per member (by index), with `proxy.auth = "proxy"`: the AUTH command with the
+    /// member's own credentials, sent first on every upstream.
+    pub logins: Vec<Option<Vec<u8>>>,
+}
+
+/// What the proxy answers itself instead of a member.
+enum Local {
+    /// By the transaction and availability rules (a lost transaction, QUIT, no member).
+    Kind(Kind),
+    /// These bytes (the command policy, proxy authentication).
+    Reply(Vec<u8>),
+    /// `RESET` with proxy authentication: `+RESET`, and the session starts over.
+    Reset,
 }
 
 /// Why a session ended early.
@@ -123,7 +141,7 @@ enum Streaming {
 
 pub struct Session {
     ctx: Arc<Context>,
-    client: TcpStream,
+    client: Stream,
     route: watch::Receiver<Route>,
     /// The route as last read from `route`.
     route_seen: Route,
@@ -170,10 +188,12 @@ pub struct Session {
     blocked_until: Option<Instant>,
     blocked_forever: bool,
     timer: Timer,
+    /// Proxy authentication and MULTI, as the command policy needs them.
+    standing: Standing,
 }
 
 impl Session {
-    pub fn new(ctx: Arc<Context>, client: TcpStream, route: watch::Receiver<Route>) -> Session {
+    pub fn new(ctx: Arc<Context>, client: Stream, route: watch::Receiver<Route>) -> Session {
         let now = Instant::now();
         let mut route = route;
         let route_seen = *route.borrow_and_update();
@@ -208,6 +228,7 @@ impl Session {
             blocked_until: None,
             blocked_forever: false,
             timer: Timer::new(now),
+            standing: Standing::default(),
         }
     }
 
@@ -240,7 +261,7 @@ impl Session {
             if !owed {
                 if let Some(e) = self.protocol_error.take() {
                     self.ctx.metrics.protocol_errors.inc();
-                    let _ = self.client.write_all(&e.reply()).await;
+                    let _ = self.client.send(&e.reply()).await;
                     return Ok(());
                 }
                 if draining {
@@ -358,8 +379,10 @@ impl Session {
             self.stalled = false;
             let mut end = 0;
             let mut sent = 0u64;
-            let mut local: Option<(usize, Kind)> = None;
+            let mut local: Option<(usize, Local)> = None;
             let mut incomplete = false;
+            // The command at `end` was rewritten by the policy: it is not screened again.
+            let mut screened = false;
             let was_idle = self.ledger.in_flight() == 0;
             while self.protocol_error.is_none() && !self.ledger.quitting() {
                 let frame = match self.request_scanner.next(&self.requests[end..]) {
@@ -409,12 +432,46 @@ impl Session {
                     self.requests.extend_from_slice(&rest);
                     continue;
                 }
+                if !std::mem::take(&mut screened) && !self.ctx.rules.is_empty() {
+                    let args = request::args(bytes, false);
+                    self.standing.in_multi = self.ledger.in_transaction().0;
+                    let (screen, counted) = self.ctx.rules.screen(&args, &mut self.standing);
+                    match counted {
+                        Some(policy::Counted::Denied(name)) => self.ctx.metrics.denied(&name),
+                        Some(policy::Counted::WrongPassword) => {
+                            self.ctx.metrics.auth_failures.inc()
+                        }
+                        None => {}
+                    }
+                    let answer = match screen {
+                        Screen::Pass => None,
+                        Screen::Answer(reply) => Some(Local::Reply(reply)),
+                        Screen::Reset => Some(Local::Reset),
+                        Screen::Rewrite(args) => {
+                            let mut encoded = Vec::new();
+                            request::encode_command(&args, &mut encoded);
+                            let rest = self.requests.split_off(end + frame.len);
+                            self.requests.truncate(end);
+                            self.requests.extend_from_slice(&encoded);
+                            self.requests.extend_from_slice(&rest);
+                            screened = true;
+                            continue;
+                        }
+                    };
+                    if let Some(answer) = answer {
+                        // Answered here, in order: send the batch before it first.
+                        if end == 0 {
+                            local = Some((frame.len, answer));
+                        }
+                        break;
+                    }
+                }
                 let name = &bytes[frame.name.clone()];
                 let kind = self.kind_of(name);
                 if self.upstream.is_none() || self.answers_locally(kind) {
                     // This command cannot join the batch: send the batch first.
                     if end == 0 {
-                        local = Some((frame.len, kind));
+                        local = Some((frame.len, Local::Kind(kind)));
                     }
                     break;
                 }
@@ -431,12 +488,13 @@ impl Session {
             if incomplete && end == 0 {
                 return self.stream_request(was_idle).await;
             }
+            let waits_for_local = local.is_some();
             let progressed = match local {
-                Some((len, kind)) => self.answer_locally(len, kind).await?,
+                Some((len, local)) => self.answer_locally(len, local).await?,
                 None => end > 0,
             };
             if !progressed {
-                self.stalled = local.is_some();
+                self.stalled = waits_for_local;
                 return Ok(());
             }
         }
@@ -569,13 +627,32 @@ impl Session {
         Ok(())
     }
 
-    /// Answers a command the proxy must answer itself (a transaction its member lost, or
-    /// no member available). Returns false if it must wait (replies are owed first, or a
-    /// member may still come).
-    async fn answer_locally(&mut self, len: usize, kind: Kind) -> Result<bool, SessionError> {
+    /// Answers a command the proxy must answer itself (a transaction its member lost, no
+    /// member available, the command policy). Returns false if it must wait (replies are
+    /// owed first, or a member may still come).
+    async fn answer_locally(&mut self, len: usize, local: Local) -> Result<bool, SessionError> {
         if self.ledger.in_flight() > 0 {
             return Ok(false); // local answers must follow the replies owed
         }
+        let kind = match local {
+            Local::Kind(kind) => kind,
+            Local::Reply(reply) => {
+                self.requests.advance(len);
+                self.write_client(&reply).await?;
+                return Ok(true);
+            }
+            Local::Reset => {
+                // A fresh connection, as RESET makes it, unauthenticated: the next
+                // upstream is opened once the client has authenticated again.
+                self.requests.advance(len);
+                self.ledger = Ledger::default();
+                self.broken = None;
+                self.standing = Standing::default();
+                self.detach();
+                self.write_client(b"+RESET\r\n").await?;
+                return Ok(true);
+            }
+        };
         let reply = match self.broken.take() {
             Some(broken) if broken.answers(kind) => {
                 let (reply, rest) = broken.reply(kind, self.ledger.state().resp3);
@@ -651,7 +728,7 @@ impl Session {
             self.blocked_until = None;
             self.blocked_forever = false;
         }
-        let result = self.client.write_all(&self.replies[..consumed]).await;
+        let result = self.client.send(&self.replies[..consumed]).await;
         self.replies.advance(consumed);
         result.map_err(SessionError::Client)?;
         // A slow client is not a slow member: the wait for the next reply starts now.
@@ -682,10 +759,7 @@ impl Session {
 
     async fn write_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         self.last_client_io = Instant::now();
-        self.client
-            .write_all(bytes)
-            .await
-            .map_err(SessionError::Client)
+        self.client.send(bytes).await.map_err(SessionError::Client)
     }
 
     /// Gives back buffer memory that one big frame made grow.
@@ -715,18 +789,18 @@ impl MemberWrite<'_> {
     /// Writes all of `buf`. A member that takes nothing for `reply_timeout` is suspected
     /// (reported, and the write goes on, as the wait for a slow reply does); the write ends
     /// early only when the route leaves the member because it is down.
-    async fn write(self, stream: &mut TcpStream, buf: &[u8]) -> Result<(), (Signal, String)> {
+    async fn write(self, stream: &mut Stream, buf: &[u8]) -> Result<(), (Signal, String)> {
         // Fast path: the socket takes the whole batch at once, and no timer is needed.
         let written = match stream.try_write(buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err((Signal::ConnectionLost, e.to_string())),
         };
-        if written == buf.len() {
+        if written == buf.len() && matches!(stream, Stream::Tcp(_)) {
             return Ok(());
         }
         let member = self.ctx.members.get(self.idx);
-        let mut write = std::pin::pin!(stream.write_all(&buf[written..]));
+        let mut write = std::pin::pin!(stream.send(&buf[written..]));
         let mut route = self.route;
         loop {
             tokio::select! {

@@ -116,10 +116,15 @@ impl Session {
             // publishes the next one: wait for it.
             return Ok(());
         }
+        if self.ctx.rules.users.is_some() && !self.standing.authenticated {
+            return Ok(()); // proxy authentication: no member connection before it
+        }
+        let login = self.ctx.logins.get(target).and_then(Option::as_deref);
         let opened = upstream::open(
             member,
             target,
             self.ledger.state(),
+            login,
             self.ctx.connect_timeout,
         )
         .await;

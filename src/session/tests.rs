@@ -44,6 +44,8 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
             retry_reads: false,
             client_idle_timeout: None,
             query_buffer_limit: 1 << 30,
+            rules: Default::default(),
+            logins: Vec::new(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
@@ -52,7 +54,7 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
         let (server, _) = listener.accept().await.unwrap();
         let (route_tx, route_rx) = watch::channel(Route::default());
         drop(route_tx);
-        let session = Session::new(ctx, server, route_rx);
+        let session = Session::new(ctx, crate::stream::Stream::Tcp(server), route_rx);
         tokio::spawn(session.run(CancellationToken::new()));
         let before = thread_cpu_ticks();
         // The session still serves: no member, so the proxy's own error, in time.

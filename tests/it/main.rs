@@ -10,6 +10,7 @@ mod failover;
 mod limits;
 mod network;
 mod python;
+mod security;
 mod sessions;
 mod support;
 mod support_selftest;

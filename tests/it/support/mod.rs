@@ -11,6 +11,7 @@ pub mod proxy;
 pub mod redis_server;
 pub mod relay;
 pub mod rest_api;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -40,6 +40,10 @@ pub struct Options {
     pub extra_admin: &'static str,
     /// Each member's Redis Software REST API (`api`, with `bdb = 1`), by position.
     pub apis: Vec<String>,
+    /// More keys for every `[[members]]` entry, as TOML lines.
+    pub extra_member: &'static str,
+    /// More tables at the end of the file (`[commands]`, say).
+    pub extra_file: &'static str,
 }
 
 impl Default for Options {
@@ -62,6 +66,8 @@ impl Default for Options {
             extra_failover: "",
             extra_admin: "",
             apis: Vec::new(),
+            extra_member: "",
+            extra_file: "",
         }
     }
 }
@@ -127,12 +133,17 @@ retry_reads = {retry_reads}
         if let Some(p) = o.password {
             t.push_str(&format!("password = \"{p}\"\n"));
         }
+        t.push_str(o.extra_member);
+        t.push('\n');
     }
+    t.push_str(o.extra_file);
     t
 }
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The TLS listener, with `[proxy.tls]`.
+    pub tls_addr: Option<SocketAddr>,
     pub admin: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -171,9 +182,11 @@ impl Proxy {
         let server = Server::bind(config).await.expect("bind port 0");
         let shutdown = CancellationToken::new();
         let (addr, admin) = (server.redis_addr(), server.admin_addr());
+        let tls_addr = server.tls_addr();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Proxy {
             addr,
+            tls_addr,
             admin,
             shutdown,
             task: Some(task),

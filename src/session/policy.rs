@@ -1,0 +1,350 @@
+//! What the proxy decides about a command before any member sees it: the command policy
+//! (`[commands]`: denied and renamed commands) and, with `proxy.auth = "proxy"`, the
+//! client's authentication against `[[proxy.users]]`. Pure: a command in, a [`Screen`] out.
+//!
+//! Answers are Redis's own bytes wherever Redis has an answer (`-NOAUTH`, `-WRONGPASS`, the
+//! unknown-command error of a renamed command); a denied command gets geoproxy's
+//! `-ERR geoproxy: ...` text. Inside MULTI a refused command must also make EXEC abort, as
+//! a command Redis refuses at queue time does: it goes to the member under a name no
+//! member knows, whose error ends the transaction the same way (a denied command's error
+//! then names `<name>(denied-by-geoproxy)`; a renamed one's is Redis's, byte for byte).
+
+use subtle::ConstantTimeEq;
+
+use crate::config::{CommandPolicy, User};
+use crate::resp::request::encode_command;
+
+/// What happens to one command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Screen {
+    /// Goes to the member as sent.
+    Pass,
+    /// The proxy answers this itself.
+    Answer(Vec<u8>),
+    /// Goes to the member as these arguments instead.
+    Rewrite(Vec<Vec<u8>>),
+    /// Proxy auth: `RESET` is answered `+RESET` and the session starts over, unauthenticated.
+    Reset,
+}
+
+/// What a screen counts (metrics).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// Refused by the policy: the configured name, lower case.
+    Denied(String),
+    WrongPassword,
+}
+
+/// A session's standing with proxy authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Standing {
+    pub authenticated: bool,
+    /// The client sent MULTI (a refused command must abort EXEC).
+    pub in_multi: bool,
+}
+
+pub const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+pub const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+
+/// The rules a session screens its commands with.
+#[derive(Debug, Default)]
+pub struct Rules {
+    pub commands: CommandPolicy,
+    /// `Some` with `proxy.auth = "proxy"`.
+    pub users: Option<Vec<User>>,
+}
+
+impl Rules {
+    /// Nothing to screen: the hot path skips [`Rules::screen`] entirely.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty() && self.users.is_none()
+    }
+
+    /// Screens one command (`args[0]` is its name as the client sent it). `authenticated`
+    /// becomes true when the command authenticates the client.
+    pub fn screen(&self, args: &[Vec<u8>], standing: &mut Standing) -> (Screen, Option<Counted>) {
+        let Some(name) = args.first() else {
+            return (Screen::Pass, None);
+        };
+        let lower = name.to_ascii_lowercase();
+        if let Some(users) = &self.users {
+            let screen = match lower.as_slice() {
+                b"auth" => Some(Screen::Answer(auth(users, args, standing))),
+                b"hello" => Some(hello(users, args, standing)),
+                b"quit" => Some(Screen::Pass),
+                b"reset" => Some(Screen::Reset),
+                _ if !standing.authenticated => Some(Screen::Answer(NOAUTH.to_vec())),
+                _ => None,
+            };
+            if let Some(screen) = screen {
+                let failed = matches!(&screen, Screen::Answer(r) if r == WRONGPASS);
+                return (screen, failed.then_some(Counted::WrongPassword));
+            }
+        }
+        let c = &self.commands;
+        let counted = || {
+            Some(Counted::Denied(
+                String::from_utf8_lossy(&lower).into_owned(),
+            ))
+        };
+        if c.deny.contains(&lower) {
+            let mut unknown = lower.clone();
+            unknown.extend_from_slice(b"(denied-by-geoproxy)");
+            return (refuse(args, standing, denied(&lower), unknown), counted());
+        }
+        if c.hidden.contains(&lower) {
+            // Redis prints a command name as a C string: after a NUL the name is one no
+            // member knows, and the member's error names it exactly as the client wrote it.
+            let mut unknown = name.clone();
+            unknown.extend_from_slice(b"\0geoproxy");
+            return (
+                refuse(args, standing, unknown_command(args), unknown),
+                counted(),
+            );
+        }
+        if let Some(original) = c.renamed.get(&lower) {
+            let mut rewritten = args.to_vec();
+            rewritten[0] = original.clone();
+            return (Screen::Rewrite(rewritten), None);
+        }
+        (Screen::Pass, None)
+    }
+}
+
+/// `AUTH [user] password`, checked here.
+fn auth(users: &[User], args: &[Vec<u8>], standing: &mut Standing) -> Vec<u8> {
+    let (user, password) = match args {
+        [_, password] => (&b"default"[..], password),
+        [_, user, password] => (&user[..], password),
+        [_] => return b"-ERR wrong number of arguments for 'auth' command\r\n".to_vec(),
+        _ => return b"-ERR syntax error\r\n".to_vec(),
+    };
+    if check(users, user, password) {
+        standing.authenticated = true;
+        b"+OK\r\n".to_vec()
+    } else {
+        // A failed AUTH leaves an authenticated client as it was, as in Redis.
+        WRONGPASS.to_vec()
+    }
+}
+
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH part is checked here and
+/// taken out; the rest goes to the member, which answers with its own server info.
+fn hello(users: &[User], args: &[Vec<u8>], standing: &mut Standing) -> Screen {
+    let Some(at) = args
+        .iter()
+        .skip(2)
+        .position(|a| a.eq_ignore_ascii_case(b"auth"))
+        .map(|i| i + 2)
+    else {
+        return if standing.authenticated {
+            Screen::Pass
+        } else {
+            Screen::Answer(NOAUTH_HELLO.to_vec())
+        };
+    };
+    let (Some(user), Some(password)) = (args.get(at + 1), args.get(at + 2)) else {
+        return Screen::Answer(b"-ERR Syntax error in HELLO option 'AUTH'\r\n".to_vec());
+    };
+    if !check(users, user, password) {
+        return Screen::Answer(WRONGPASS.to_vec());
+    }
+    standing.authenticated = true;
+    let mut rest = args.to_vec();
+    rest.drain(at..at + 3);
+    Screen::Rewrite(rest)
+}
+
+/// Does `user` exist with this `password`? Compared in constant time, every user tried.
+fn check(users: &[User], user: &[u8], password: &[u8]) -> bool {
+    users.iter().fold(false, |found, u| {
+        let name = u.name.as_bytes().ct_eq(user);
+        let pass = u.password.expose().as_bytes().ct_eq(password);
+        found | bool::from(name & pass)
+    })
+}
+
+/// A command the policy refuses: answered here, or, inside MULTI, sent as `unknown` (a
+/// name no member knows) so that the member's transaction aborts at EXEC as Redis's would.
+fn refuse(args: &[Vec<u8>], standing: &Standing, reply: Vec<u8>, unknown: Vec<u8>) -> Screen {
+    if !standing.in_multi {
+        return Screen::Answer(reply);
+    }
+    let mut rewritten = args.to_vec();
+    rewritten[0] = unknown;
+    Screen::Rewrite(rewritten)
+}
+
+fn denied(lower: &[u8]) -> Vec<u8> {
+    let mut reply = b"-ERR geoproxy: command '".to_vec();
+    reply.extend(sanitized(lower));
+    reply.extend_from_slice(b"' is denied by this proxy's [commands] deny list\r\n");
+    reply
+}
+
+/// Redis's reply to a command it does not know (what a command renamed away gets).
+pub fn unknown_command(args: &[Vec<u8>]) -> Vec<u8> {
+    let mut reply = b"-ERR unknown command '".to_vec();
+    reply.extend(sanitized(&args[0][..args[0].len().min(128)]));
+    reply.extend_from_slice(b"', with args beginning with: ");
+    // As Redis: each argument quoted and followed by a space, until 128 bytes are listed.
+    let mut listed = 0;
+    for arg in &args[1..] {
+        if listed >= 128 {
+            break;
+        }
+        let take = arg.len().min(128 - listed);
+        let mut quoted = Vec::with_capacity(take + 3);
+        quoted.push(b'\'');
+        quoted.extend_from_slice(&arg[..take]);
+        quoted.extend_from_slice(b"' ");
+        listed += quoted.len();
+        reply.extend(sanitized(&quoted));
+    }
+    reply.extend_from_slice(b"\r\n");
+    reply
+}
+
+/// Line breaks become spaces, as Redis does to error text.
+fn sanitized(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    bytes
+        .iter()
+        .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+}
+
+/// `AUTH [user] password` as one RESP command (the member's own credentials).
+pub fn login(username: Option<&str>, password: &str) -> Vec<u8> {
+    let mut args = vec![b"AUTH".to_vec()];
+    args.extend(username.map(|u| u.as_bytes().to_vec()));
+    args.push(password.as_bytes().to_vec());
+    let mut bytes = Vec::new();
+    encode_command(&args, &mut bytes);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn args(line: &str) -> Vec<Vec<u8>> {
+        line.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    fn rules() -> Rules {
+        let text = r#"
+            [proxy]
+            listen = "127.0.0.1:0"
+            mode = "colocated"
+            auth = "proxy"
+            users = [{ name = "default", password = "pw" }, { name = "app", password = "apw" }]
+            [admin]
+            listen = "127.0.0.1:0"
+            [[members]]
+            id = "a"
+            address = "127.0.0.1:7001"
+            [commands]
+            deny = ["FLUSHALL"]
+            rename = { CONFIG = "CFG", DEBUG = "" }
+        "#;
+        let c = Config::from_toml(text).unwrap();
+        Rules {
+            commands: c.commands,
+            users: Some(c.proxy.users),
+        }
+    }
+
+    fn answer(text: &str) -> Screen {
+        Screen::Answer(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn each_command_is_screened_as_redis_would_answer() {
+        let r = rules();
+        let no_auth = Standing::default();
+        let authed = Standing {
+            authenticated: true,
+            in_multi: false,
+        };
+        let in_multi = Standing {
+            authenticated: true,
+            in_multi: true,
+        };
+        let wrongpass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+        let cases: &[(&str, Standing, Screen, bool)] = &[
+            ("GET k", no_auth, answer("-NOAUTH Authentication required.\r\n"), false),
+            ("QUIT", no_auth, Screen::Pass, false),
+            ("RESET", no_auth, Screen::Reset, false),
+            ("AUTH pw", no_auth, answer("+OK\r\n"), true),
+            ("auth app apw", no_auth, answer("+OK\r\n"), true),
+            ("AUTH app pw", no_auth, answer(wrongpass), false),
+            ("AUTH nobody pw", no_auth, answer(wrongpass), false),
+            ("AUTH wrong", authed, answer(wrongpass), true),
+            ("AUTH a b c", no_auth, answer("-ERR syntax error\r\n"), false),
+            ("HELLO 3", authed, Screen::Pass, true),
+            (
+                "HELLO 3 AUTH app apw SETNAME x",
+                no_auth,
+                Screen::Rewrite(args("HELLO 3 SETNAME x")),
+                true,
+            ),
+            ("HELLO 3 AUTH app bad", no_auth, answer(wrongpass), false),
+            (
+                "HELLO 3 AUTH app",
+                no_auth,
+                answer("-ERR Syntax error in HELLO option 'AUTH'\r\n"),
+                false,
+            ),
+            ("GET k", authed, Screen::Pass, true),
+            ("cfg GET x", authed, Screen::Rewrite(args("config GET x")), true),
+            (
+                "CONFIG GET x",
+                authed,
+                answer("-ERR unknown command 'CONFIG', with args beginning with: 'GET' 'x' \r\n"),
+                true,
+            ),
+            (
+                "FlushAll",
+                authed,
+                answer("-ERR geoproxy: command 'flushall' is denied by this proxy's [commands] deny list\r\n"),
+                true,
+            ),
+            (
+                "FLUSHALL ASYNC",
+                in_multi,
+                Screen::Rewrite(args("flushall(denied-by-geoproxy) ASYNC")),
+                true,
+            ),
+            (
+                "debug x",
+                in_multi,
+                Screen::Rewrite(vec![b"debug\0geoproxy".to_vec(), b"x".to_vec()]),
+                true,
+            ),
+        ];
+        for (line, standing, want, authenticated) in cases {
+            let mut s = *standing;
+            let (got, _) = r.screen(&args(line), &mut s);
+            assert_eq!(&got, want, "{line}");
+            assert_eq!(s.authenticated, *authenticated, "{line}: authenticated");
+        }
+    }
+
+    #[test]
+    fn the_unknown_command_error_lists_128_bytes_of_arguments_as_redis_does() {
+        let long = "x".repeat(200);
+        let reply = unknown_command(&args(&format!("NOPE a\r\nb {long} c")));
+        let text = String::from_utf8(reply).unwrap();
+        // `'a  b' ` takes 7 bytes; the long one is cut to the 121 left (`%.*s`), then the
+        // list is full.
+        let listed = text
+            .strip_prefix("-ERR unknown command 'NOPE', with args beginning with: ")
+            .unwrap()
+            .strip_suffix("\r\n")
+            .unwrap();
+        assert!(listed.starts_with("'a  b' 'xxx"), "{listed}");
+        assert_eq!(listed.len(), 7 + (128 - 7) + 3);
+        assert!(!listed.contains("'c'"));
+    }
+}

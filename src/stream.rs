@@ -1,0 +1,110 @@
+//! A connection on either side of the proxy: plain TCP, or TLS (to a member: the proxy is
+//! the TLS client; from a client: the proxy is the TLS server). Sessions, upstreams and
+//! health checks hold a [`Stream`] and do not care which.
+//!
+//! TLS buffers what is written: every write that must reach the peer now goes through
+//! [`Stream::send`] (write, then flush). For TCP the flush costs nothing.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{client, server};
+
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    /// To a member with `tls = true`.
+    TlsToMember(Box<client::TlsStream<TcpStream>>),
+    /// From a client of the TLS listener (`[proxy.tls]`).
+    TlsFromClient(Box<server::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Writes all of `buf` and flushes it to the socket.
+    pub async fn send(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.write_all(buf).await?;
+        self.flush().await
+    }
+
+    /// Writes what the socket takes now without waiting (`WouldBlock` when it takes
+    /// nothing). The fast path of a batch: when it takes everything, no timer is armed.
+    pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(buf),
+            // A TLS stream encrypts into its own buffer first: poll it once. The waker is
+            // replaced by the real one at the next wait, and the caller flushes after.
+            tls => match Pin::new(tls).poll_write(&mut Context::from_waker(Waker::noop()), buf) {
+                Poll::Ready(r) => r,
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            },
+        }
+    }
+
+    /// Is the connection still open with nothing to read (a kept idle connection that the
+    /// peer has not closed)? Never waits.
+    pub fn is_idle(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        let waker = Waker::noop();
+        matches!(
+            Pin::new(self).poll_read(&mut Context::from_waker(waker), &mut buf),
+            Poll::Pending
+        )
+    }
+
+    /// The TCP socket under any TLS.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::TlsToMember(s) => s.get_ref().0,
+            Stream::TlsFromClient(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsToMember(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsFromClient(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsToMember(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsFromClient(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsToMember(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsFromClient(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsToMember(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsFromClient(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
