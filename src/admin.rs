@@ -1,21 +1,24 @@
-//! The admin HTTP port: `/live`, `/ready`, `/metrics`, `GET /v1/status` and
-//! `POST /v1/switchover`.
+//! The admin HTTP port: `/live`, `/ready`, `/metrics`, `GET /v1/status`, and the
+//! operator's requests `POST /v1/switchover`, `POST /v1/members/{id}/drain` and
+//! `POST /v1/members/{id}/enable`.
 //!
 //! It reads snapshots (members' status, the route, the last switches) and never touches the
-//! data path; a switchover is a request to the router, which decides. Errors are JSON
-//! `{error_code, description}`.
+//! data path; an operation is a request to the router, which decides. Writes need
+//! `admin.token` (compared in constant time) when it is set; one operation at a time (else
+//! 409); each accepted one is logged and counted. Errors are JSON `{error_code, description}`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -28,7 +31,7 @@ use crate::health::verdict::CheckStatus;
 use crate::member::Members;
 use crate::metrics::Metrics;
 use crate::router::{
-    Gate, GateCell, History, Route, SwitchRecord, SwitchoverError, SwitchoverRequest,
+    Gate, GateCell, History, Operation, OperatorError, OperatorRequest, Route, SwitchRecord,
 };
 
 /// What the admin handlers read.
@@ -42,9 +45,11 @@ pub struct AdminState {
     pub failback: Failback,
     /// `admin.token`: required (as `Authorization: Bearer ...`) by every POST when set.
     pub token: Option<Secret>,
-    pub switchovers: mpsc::Sender<SwitchoverRequest>,
-    /// A switchover is being decided: another one gets 409.
+    pub operations: mpsc::Sender<OperatorRequest>,
+    /// An operation is being decided: another one gets 409.
     pub switching: AtomicBool,
+    /// Members drained by an operator, as the router last confirmed (for `/v1/status`).
+    pub drained: std::sync::Mutex<Vec<bool>>,
     pub history: Arc<History>,
     /// The failback gate, as the router last saw it.
     pub gate: Arc<GateCell>,
@@ -60,6 +65,8 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/switchover", post(switchover))
+        .route("/v1/members/{id}/drain", post(drain))
+        .route("/v1/members/{id}/enable", post(enable))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .with_state(state);
     let served = axum::serve(listener, app)
@@ -139,6 +146,8 @@ struct MemberStatus {
     /// Seconds in the current state.
     state_seconds: f64,
     active: bool,
+    /// Taken out of the preference by an operator (`/v1/members/{id}/drain`).
+    drained: bool,
     last_error: Option<String>,
     last_check_seconds: Option<f64>,
     /// Commands in the member's own `COMMAND` table; 0 until it is fetched.
@@ -153,6 +162,7 @@ struct MemberStatus {
 
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
     let route = *s.route.borrow();
+    let drained = s.drained.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let members = s
         .members
         .list
@@ -168,6 +178,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
                 cause: st.cause.map(|c| c.to_string()),
                 state_seconds: st.since.elapsed().as_secs_f64(),
                 active: route.member == Some(i),
+                drained: drained.get(i).copied().unwrap_or(false),
                 last_error: st.last_error,
                 last_check_seconds: st.last_check_seconds,
                 commands: m.command_table().len,
@@ -214,8 +225,8 @@ struct SwitchoverBody {
     to: String,
 }
 
-/// How long a switchover request waits for the router's answer.
-const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an operator's request waits for the router's answer.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `POST /v1/switchover {"to": id}`: send traffic to a healthy member (reason `operator`),
 /// and stay there (no automatic failback) until it fails.
@@ -230,40 +241,84 @@ async fn switchover(State(s): State<Arc<AdminState>>, headers: HeaderMap, body: 
             return error(StatusCode::BAD_REQUEST, "bad_request", &why);
         }
     };
-    let Some(idx) = s.members.list.iter().position(|m| m.id() == to) else {
-        let why = format!("no member has the id \"{to}\"");
+    operate(&s, &to, Operation::Switchover).await
+}
+
+/// `POST /v1/members/{id}/drain`: take the member out of the preference until enabled;
+/// traffic leaves it now if it is active (sessions move at their quiescent points).
+async fn drain(
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = authorize(&s, &headers) {
+        return denied;
+    }
+    operate(&s, &id, Operation::Drain).await
+}
+
+/// `POST /v1/members/{id}/enable`: the member is back in the preference (failback rules
+/// apply from the moment traffic left it).
+async fn enable(
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = authorize(&s, &headers) {
+        return denied;
+    }
+    operate(&s, &id, Operation::Enable).await
+}
+
+/// Asks the router to carry out an operation on member `id`; one at a time.
+async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Response {
+    let Some(idx) = s.members.list.iter().position(|m| m.id() == id) else {
+        let why = format!("no member has the id \"{id}\"");
         return error(StatusCode::NOT_FOUND, "unknown_member", &why);
     };
+    let op = op(idx);
     if s.switching.swap(true, Ordering::AcqRel) {
-        let why = "another switchover is being decided";
+        let why = "another operation is being decided";
         return error(StatusCode::CONFLICT, "switch_in_progress", why);
     }
     let (reply, outcome) = oneshot::channel();
-    let asked = s
-        .switchovers
-        .send(SwitchoverRequest { to: idx, reply })
-        .await;
+    let asked = s.operations.send(OperatorRequest { op, reply }).await;
     let outcome = match asked {
-        Ok(()) => tokio::time::timeout(SWITCHOVER_TIMEOUT, outcome)
+        Ok(()) => tokio::time::timeout(OPERATION_TIMEOUT, outcome)
             .await
             .ok()
             .and_then(Result::ok),
         Err(_) => None,
     };
+    if let (Some(Ok(_)), Operation::Drain(i) | Operation::Enable(i)) = (&outcome, op) {
+        let mut drained = s.drained.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = drained.get_mut(i) {
+            *d = matches!(op, Operation::Drain(_));
+        }
+    }
     s.switching.store(false, Ordering::Release);
+    let name = op.name();
     match outcome {
         Some(Ok(route)) => {
-            let body = serde_json::json!({ "active_member": to, "epoch": route.epoch });
+            s.metrics.operation(name);
+            tracing::info!(
+                operation = name,
+                member = id,
+                epoch = route.epoch,
+                "operator request carried out"
+            );
+            let active = route.member.map(|i| s.members.get(i).id());
+            let body = serde_json::json!({ "operation": name, "member": id, "active_member": active, "epoch": route.epoch });
             (StatusCode::OK, Json(body)).into_response()
         }
-        Some(Err(SwitchoverError::NotHealthy)) => {
-            let why =
-                format!("member \"{to}\" is not healthy; traffic goes to healthy members only");
-            error(StatusCode::CONFLICT, "member_not_healthy", &why)
-        }
-        Some(Err(SwitchoverError::UnknownMember)) => {
-            let why = format!("no member has the id \"{to}\"");
-            error(StatusCode::NOT_FOUND, "unknown_member", &why)
+        Some(Err(e)) => {
+            let (status, code) = match e {
+                OperatorError::UnknownMember => (StatusCode::NOT_FOUND, "unknown_member"),
+                OperatorError::NotHealthy => (StatusCode::CONFLICT, "member_not_healthy"),
+                OperatorError::Drained => (StatusCode::CONFLICT, "member_drained"),
+                OperatorError::LastMember => (StatusCode::CONFLICT, "last_member"),
+            };
+            error(status, code, &format!("{name} of \"{id}\" refused: {e}"))
         }
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -280,7 +335,8 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.expose()) {
+    let matches = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose().as_bytes())));
+    if matches {
         return None;
     }
     Some(error(

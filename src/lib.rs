@@ -162,7 +162,7 @@ impl Server {
         }
         let (route_tx, route_rx) = watch::channel(Route::default());
         let serving = Arc::new(AtomicBool::new(true));
-        let (switchover_tx, switchovers) = mpsc::channel(4);
+        let (operations_tx, operations) = mpsc::channel(4);
         let history = Arc::new(History::default());
         let gate = Arc::new(GateCell::default());
         let matrix = config.health.replication.as_ref().map(|r| {
@@ -179,7 +179,7 @@ impl Server {
                 members: members.clone(),
                 route: route_tx,
                 history: history.clone(),
-                switchovers,
+                operations,
                 metrics: metrics.clone(),
                 gate: gate.clone(),
             },
@@ -192,7 +192,8 @@ impl Server {
                 mode: config.proxy.mode,
                 failback: config.failover.failback,
                 token: config.admin.token.clone(),
-                switchovers: switchover_tx,
+                operations: operations_tx,
+                drained: std::sync::Mutex::new(vec![false; members.len()]),
                 switching: AtomicBool::new(false),
                 history,
                 gate,

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     pub auth_failures: IntCounter,
     denied_commands: IntCounterVec,
+    member_drained: IntGaugeVec,
+    operations: IntCounterVec,
 }
 
 macro_rules! register {
@@ -284,6 +286,26 @@ impl Metrics {
                     &["command"]
                 )
             ),
+            member_drained: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_member_drained",
+                        "1 while an operator has drained the member (never chosen until enabled)."
+                    ),
+                    &["member"]
+                )
+            ),
+            operations: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_admin_operations_total",
+                        "Operator requests carried out (switchover, drain, enable)."
+                    ),
+                    &["operation"]
+                )
+            ),
             move_duration: register!(
                 r,
                 Histogram::with_opts(
@@ -307,6 +329,7 @@ impl Metrics {
             self.active_member.with_label_values(&[id]).set(0);
             self.commands.with_label_values(&[id]);
             self.inflight_errors.with_label_values(&[id]);
+            self.member_drained.with_label_values(&[id]).set(0);
         }
     }
 
@@ -373,6 +396,17 @@ impl Metrics {
     /// The command counter of one member, resolved once per upstream (not per command).
     pub fn commands(&self, member: &str) -> IntCounter {
         self.commands.with_label_values(&[member])
+    }
+
+    pub fn member_drained(&self, member: &str, drained: bool) {
+        self.member_drained
+            .with_label_values(&[member])
+            .set(drained.into());
+    }
+
+    /// An operator request carried out.
+    pub fn operation(&self, name: &str) {
+        self.operations.with_label_values(&[name]).inc();
     }
 
     /// A command the policy refused (`command`: a configured name, so the label is bounded).

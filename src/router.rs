@@ -18,6 +18,10 @@
 //! - **Startup** waits for the members more preferred than the first one up.
 //! - **Switchover**: an operator sends traffic to a member that is up; the router stays there
 //!   (no failback) until that member fails.
+//! - **Drain**: an operator takes a member out of the preference until it is enabled again:
+//!   it is never chosen (not even when nothing else is up), and traffic leaves it at once if
+//!   it is active (sessions move at their quiescent points). Draining the last member up is
+//!   refused.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -58,6 +62,8 @@ pub enum Reason {
     Recovered,
     /// An operator asked for it (`POST /v1/switchover`).
     Operator,
+    /// An operator drained the active member (`POST /v1/members/{id}/drain`).
+    Drain,
 }
 
 impl fmt::Display for Reason {
@@ -68,6 +74,7 @@ impl fmt::Display for Reason {
             Reason::Failback => f.write_str("failback"),
             Reason::Recovered => f.write_str("recovered"),
             Reason::Operator => f.write_str("operator"),
+            Reason::Drain => f.write_str("drain"),
         }
     }
 }
@@ -118,13 +125,35 @@ pub struct Decision {
     pub wake_at: Option<Instant>,
 }
 
-/// Why a switchover was refused.
+/// What an operator asks of the router (admin API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Switchover(MemberIdx),
+    Drain(MemberIdx),
+    Enable(MemberIdx),
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Switchover(_) => "switchover",
+            Operation::Drain(_) => "drain",
+            Operation::Enable(_) => "enable",
+        }
+    }
+}
+
+/// Why an operation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SwitchoverError {
+pub enum OperatorError {
     #[error("no member has this id")]
     UnknownMember,
     #[error("the member is not healthy")]
     NotHealthy,
+    #[error("the member is drained; enable it first")]
+    Drained,
+    #[error("no other member is up to take the traffic")]
+    LastMember,
 }
 
 /// The failover/failback decision.
@@ -141,6 +170,8 @@ pub struct Router {
     /// The member an operator switched to: stayed on (no failback) while it is up.
     operator: Option<MemberIdx>,
     members: Vec<Track>,
+    /// Members an operator drained: never chosen until enabled.
+    drained: Vec<bool>,
 }
 
 /// The router's memory of one member.
@@ -169,7 +200,12 @@ impl Router {
             routed: false,
             operator: None,
             members: vec![track; members],
+            drained: vec![false; members],
         }
+    }
+
+    pub fn drained(&self, member: MemberIdx) -> bool {
+        self.drained.get(member).copied().unwrap_or(false)
     }
 
     pub fn active(&self) -> Option<MemberIdx> {
@@ -191,7 +227,8 @@ impl Router {
 
     /// Decides the active member given the members' health (in preference order) at `now`.
     pub fn decide(&mut self, members: &[MemberView], now: Instant) -> Decision {
-        let up = |i: usize| members[i].state == State::Up;
+        // A drained member is as good as gone to every rule below.
+        let up = |i: usize| members[i].state == State::Up && !self.drained[i];
         match self.active {
             Some(a) if up(a) => {
                 if self.failback == Failback::Manual || self.operator == Some(a) {
@@ -230,6 +267,7 @@ impl Router {
                     return stay(None);
                 }
                 let reason = match active {
+                    Some(a) if self.drained[a] && members[a].state == State::Up => Reason::Drain,
                     Some(a) => {
                         Reason::Failover(members[a].cause.unwrap_or(Cause::Check(Kind::Ping)))
                     }
@@ -248,7 +286,7 @@ impl Router {
         if self.failback == Failback::Manual || self.operator == Some(a) {
             return None;
         }
-        let p = (0..a).find(|&i| members[i].state == State::Up)?;
+        let p = (0..a).find(|&i| members[i].state == State::Up && !self.drained[i])?;
         let until = self.settled_at(p, &members[p]);
         if until > now {
             Some((p, Gate::Hold { until }))
@@ -259,16 +297,46 @@ impl Router {
         }
     }
 
-    /// An operator asks for traffic to go to `to` (which must be up).
-    pub fn switchover(
+    /// Carries out an operator's request.
+    pub fn operate(
+        &mut self,
+        op: Operation,
+        members: &[MemberView],
+        now: Instant,
+    ) -> Result<Decision, OperatorError> {
+        match op {
+            Operation::Switchover(to) => self.switchover(to, members, now),
+            Operation::Drain(i) => {
+                members.get(i).ok_or(OperatorError::UnknownMember)?;
+                let others_up = (0..members.len())
+                    .any(|j| j != i && members[j].state == State::Up && !self.drained[j]);
+                if self.active == Some(i) && !others_up {
+                    return Err(OperatorError::LastMember);
+                }
+                self.drained[i] = true;
+                Ok(self.decide(members, now))
+            }
+            Operation::Enable(i) => {
+                members.get(i).ok_or(OperatorError::UnknownMember)?;
+                self.drained[i] = false;
+                Ok(self.decide(members, now))
+            }
+        }
+    }
+
+    /// An operator asks for traffic to go to `to` (which must be up and not drained).
+    fn switchover(
         &mut self,
         to: MemberIdx,
         members: &[MemberView],
         now: Instant,
-    ) -> Result<Decision, SwitchoverError> {
-        let view = members.get(to).ok_or(SwitchoverError::UnknownMember)?;
+    ) -> Result<Decision, OperatorError> {
+        let view = members.get(to).ok_or(OperatorError::UnknownMember)?;
         if view.state != State::Up {
-            return Err(SwitchoverError::NotHealthy);
+            return Err(OperatorError::NotHealthy);
+        }
+        if self.drained[to] {
+            return Err(OperatorError::Drained);
         }
         self.operator = Some(to);
         if self.active == Some(to) {
@@ -355,10 +423,10 @@ impl History {
 /// The failback gate as the router last saw it, for `/v1/status`.
 pub type GateCell = Mutex<Option<(MemberIdx, Gate)>>;
 
-/// A switchover request to the router task, with where to send its outcome.
-pub struct SwitchoverRequest {
-    pub to: MemberIdx,
-    pub reply: oneshot::Sender<Result<Route, SwitchoverError>>,
+/// An operator's request to the router task, with where to send its outcome.
+pub struct OperatorRequest {
+    pub op: Operation,
+    pub reply: oneshot::Sender<Result<Route, OperatorError>>,
 }
 
 /// What the router task works with.
@@ -367,7 +435,7 @@ pub struct RouterTask {
     pub members: Arc<Members>,
     pub route: watch::Sender<Route>,
     pub history: Arc<History>,
-    pub switchovers: mpsc::Receiver<SwitchoverRequest>,
+    pub operations: mpsc::Receiver<OperatorRequest>,
     pub metrics: Metrics,
     pub gate: Arc<GateCell>,
 }
@@ -385,13 +453,19 @@ impl RouterTask {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.members.changed.notified() => {}
-                Some(request) = self.switchovers.recv() => {
+                Some(request) = self.operations.recv() => {
                     let views = self.views();
-                    let outcome = self.router.switchover(request.to, &views, Instant::now());
+                    let outcome = self.router.operate(request.op, &views, Instant::now());
                     let outcome = outcome.map(|decision| {
                         self.publish(decision);
                         *self.route.borrow()
                     });
+                    if let (Operation::Drain(i) | Operation::Enable(i), Ok(_)) =
+                        (request.op, &outcome)
+                    {
+                        let member = self.members.get(i).id();
+                        self.metrics.member_drained(member, self.router.drained(i));
+                    }
                     let _ = request.reply.send(outcome);
                 }
                 _ = sleep_until(wake_at.unwrap_or_else(far_future)), if wake_at.is_some() => {}
@@ -707,13 +781,10 @@ mod tests {
         let mut r = router(Failback::Auto);
         let all_up = views(t0, 100, &[(Up, 100), (Up, 100), (Down, 100)]);
         r.decide(&all_up, t0);
-        assert_eq!(
-            r.switchover(2, &all_up, t0),
-            Err(SwitchoverError::NotHealthy)
-        );
+        assert_eq!(r.switchover(2, &all_up, t0), Err(OperatorError::NotHealthy));
         assert_eq!(
             r.switchover(7, &all_up, t0),
-            Err(SwitchoverError::UnknownMember)
+            Err(OperatorError::UnknownMember)
         );
         let d = r.switchover(1, &all_up, t0).unwrap();
         assert_eq!(d.switch.map(|s| s.reason), Some(Reason::Operator));
@@ -736,6 +807,50 @@ mod tests {
         assert_eq!(r.active(), Some(1));
         let up = views(t0, 500, &[(Up, 300), (Up, 500), (Down, 500)]);
         r.switchover(0, &up, later).unwrap();
+        assert_eq!(r.active(), Some(0));
+    }
+
+    #[test]
+    fn a_drained_member_is_never_chosen_until_enabled() {
+        let t0 = Instant::now() + Duration::from_secs(1000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut r = router(Failback::Auto);
+        let all_up = views(t0, 100, &[(Up, 100), (Up, 100), (Up, 100)]);
+        r.decide(&all_up, at(100));
+        assert_eq!(r.active(), Some(0));
+        // Draining the active member moves traffic at once, with its own reason.
+        let d = r.operate(Operation::Drain(0), &all_up, at(100)).unwrap();
+        assert_eq!(
+            d.switch.map(|s| (s.to, s.reason)),
+            Some((Some(1), Reason::Drain))
+        );
+        // No failback to it, however long it stays healthy.
+        r.decide(&views(t0, 900, &[(Up, 900), (Up, 900), (Up, 900)]), at(900));
+        assert_eq!(r.active(), Some(1));
+        // Nor a failover: with 1 down, 2 takes the traffic...
+        let d = r.decide(&views(t0, 901, &[(Up, 901), (Down, 0), (Up, 901)]), at(901));
+        assert_eq!(d.switch.and_then(|s| s.to), Some(2));
+        // ...and with 2 down too, no member rather than the drained one.
+        r.decide(&views(t0, 902, &[(Up, 902), (Down, 1), (Down, 0)]), at(902));
+        assert_eq!(r.active(), None);
+        // A switchover to a drained member is refused; enabling brings it back.
+        let only_0 = views(t0, 903, &[(Up, 903), (Down, 2), (Down, 1)]);
+        let refused = r.operate(Operation::Switchover(0), &only_0, at(903));
+        assert_eq!(refused, Err(OperatorError::Drained));
+        let d = r.operate(Operation::Enable(0), &only_0, at(903)).unwrap();
+        assert_eq!(
+            d.switch.map(|s| (s.to, s.reason)),
+            Some((Some(0), Reason::Recovered))
+        );
+        // The last member up cannot be drained.
+        let refused = r.operate(Operation::Drain(0), &only_0, at(904));
+        assert_eq!(refused, Err(OperatorError::LastMember));
+        assert_eq!(
+            r.operate(Operation::Drain(9), &only_0, at(904)),
+            Err(OperatorError::UnknownMember)
+        );
+        // Only the active member's traffic needs somewhere to go: any other can be drained.
+        assert!(r.operate(Operation::Drain(1), &only_0, at(904)).is_ok());
         assert_eq!(r.active(), Some(0));
     }
 

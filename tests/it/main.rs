@@ -9,6 +9,7 @@ mod differential;
 mod failover;
 mod limits;
 mod network;
+mod operations;
 mod python;
 mod security;
 mod sessions;
