@@ -202,6 +202,9 @@ pub struct ProxyConfig {
     pub threads: usize,
     /// `[proxy.tls]`: a TLS listener beside the plain one.
     pub tls: Option<TlsListenerConfig>,
+    /// `proxy.unixsocket`: a unix socket beside the TCP listener (Redis's `unixsocket`),
+    /// with `proxy.unixsocketperm` (Redis's `unixsocketperm`, default 700).
+    pub unixsocket: Option<(std::path::PathBuf, u32)>,
     pub auth: AuthMode,
     /// `[[proxy.users]]`, with `auth = "proxy"`.
     pub users: Vec<User>,
@@ -546,6 +549,9 @@ mod raw {
         pub client_query_buffer_limit: Option<Size>,
         pub threads: Option<usize>,
         pub tls: Option<ProxyTls>,
+        pub unixsocket: Option<String>,
+        /// Octal digits, as Redis writes it (`700`).
+        pub unixsocketperm: Option<u32>,
         pub auth: Option<AuthMode>,
         #[serde(default)]
         pub users: Vec<User>,
@@ -947,6 +953,22 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 .push("proxy.tls.listen: must differ from proxy.listen and admin.listen".into());
         }
     }
+    let unixsocket = p.unixsocket.as_ref().map(|path| {
+        let digits = p.unixsocketperm.unwrap_or(700).to_string();
+        let mode = u32::from_str_radix(&digits, 8).ok().filter(|m| *m <= 0o777);
+        if mode.is_none() {
+            problems.push(format!(
+                "proxy.unixsocketperm: {digits} is not a file mode in octal digits (as 700)"
+            ));
+        }
+        if path.is_empty() {
+            problems.push("proxy.unixsocket: must be a path".into());
+        }
+        (std::path::PathBuf::from(path), mode.unwrap_or(0o700))
+    });
+    if p.unixsocketperm.is_some() && p.unixsocket.is_none() {
+        problems.push("proxy.unixsocketperm: needs proxy.unixsocket".into());
+    }
     let auth = p.auth.unwrap_or_default();
     let users = validate_users(&mut problems, auth, &p.users);
     let commands = validate_commands(&mut problems, &raw.commands);
@@ -972,6 +994,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 n => n,
             },
             tls,
+            unixsocket,
             auth,
             users,
         },

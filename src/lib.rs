@@ -40,7 +40,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +52,7 @@ pub use config::Config;
 use crate::admin::AdminState;
 use crate::config::{AuthMode, HealthConfig};
 use crate::health::replication::Matrix;
-use crate::listener::Listener;
+use crate::listener::{Listener, Socket};
 use crate::member::Members;
 use crate::metrics::Metrics;
 use crate::router::{GateCell, History, Route, Router, RouterTask};
@@ -66,6 +66,8 @@ pub struct Server {
     listener: TcpListener,
     /// The TLS listener (`[proxy.tls]`).
     tls_listener: Option<TcpListener>,
+    /// The unix socket (`proxy.unixsocket`).
+    unix_listener: Option<UnixListener>,
     admin: TcpListener,
     metrics: Metrics,
 }
@@ -96,12 +98,25 @@ impl Server {
                 )
             })?),
         };
+        let unix_listener = match &config.proxy.unixsocket {
+            None => None,
+            Some((path, mode)) => Some(listen_unix(path, *mode).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen on {} (proxy.unixsocket): {e}",
+                        path.display()
+                    ),
+                )
+            })?),
+        };
         let admin = bind(config.admin.listen, "admin.listen").await?;
         let metrics = Metrics::new(prometheus::Registry::new());
         Ok(Server {
             config,
             listener,
             tls_listener,
+            unix_listener,
             admin,
             metrics,
         })
@@ -133,6 +148,7 @@ impl Server {
             config,
             listener,
             tls_listener,
+            unix_listener,
             admin,
             metrics,
         } = self;
@@ -257,7 +273,7 @@ impl Server {
             };
             let sessions = TaskTracker::new();
             let worker = |listener, tls| Listener {
-                listener,
+                listener: Socket::Tcp(listener),
                 tls,
                 ctx: ctx.clone(),
                 route: route_rx.clone(),
@@ -277,16 +293,27 @@ impl Server {
                 Err(e) => warn!(error = %e, worker = n, "cannot start a worker thread"),
             }
         }
-        let tls_listener = tls_listener.map(|l| Listener {
-            listener: l,
-            tls: acceptor,
-            ctx: ctx.clone(),
-            route: route_rx.clone(),
-            limit: limit.clone(),
-            sessions: sessions.clone(),
-        });
+        // The main worker serves the TLS listener and the unix socket too.
+        let mut more = Vec::new();
+        if let Some(l) = tls_listener {
+            more.push((Socket::Tcp(l), acceptor));
+        }
+        if let Some(l) = unix_listener {
+            more.push((Socket::Unix(l), None));
+        }
+        let more: Vec<Listener> = more
+            .into_iter()
+            .map(|(listener, tls)| Listener {
+                listener,
+                tls,
+                ctx: ctx.clone(),
+                route: route_rx.clone(),
+                limit: limit.clone(),
+                sessions: sessions.clone(),
+            })
+            .collect();
         let listener = Listener {
-            listener,
+            listener: Socket::Tcp(listener),
             tls: None,
             ctx,
             route: route_rx,
@@ -300,11 +327,14 @@ impl Server {
             members = config.members.len(),
             "geoproxy serving"
         );
-        match tls_listener {
-            None => listener.run(shutdown.clone()).await,
-            Some(tls) => {
-                tokio::join!(listener.run(shutdown.clone()), tls.run(shutdown.clone()));
-            }
+        let accepting = TaskTracker::new();
+        for l in more {
+            accepting.spawn(l.run(shutdown.clone()));
+        }
+        accepting.close();
+        tokio::join!(listener.run(shutdown.clone()), accepting.wait());
+        if let Some((path, _)) = &config.proxy.unixsocket {
+            let _ = std::fs::remove_file(path); // as Redis does at shutdown
         }
 
         // Shutdown: not ready, no new clients; sessions drain what they owe (the workers
@@ -387,6 +417,19 @@ impl Control {
                 });
             })
     }
+}
+
+/// A unix socket at `path` with permissions `mode`; a file left there by an earlier run is
+/// removed first, as Redis does.
+fn listen_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
 }
 
 /// SIGHUP reads the TLS listener's certificate, key and client CA files again; sessions

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,8 +46,42 @@ impl Drop for OpenSession {
     }
 }
 
+/// A listening socket: TCP (plain or TLS), or a unix socket (`proxy.unixsocket`).
+pub enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An accepted connection before any TLS, and who it is (for the session's span).
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Socket {
+    async fn accept(&self) -> std::io::Result<(Accepted, String)> {
+        match self {
+            Socket::Tcp(l) => {
+                let (s, addr) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Accepted::Tcp(s), addr.to_string()))
+            }
+            Socket::Unix(l) => Ok((Accepted::Unix(l.accept().await?.0), "unix".into())),
+        }
+    }
+}
+
+impl Accepted {
+    fn try_write(&self, buf: &[u8]) {
+        let _ = match self {
+            Accepted::Tcp(s) => s.try_write(buf),
+            Accepted::Unix(s) => s.try_write(buf),
+        };
+    }
+}
+
 pub struct Listener {
-    pub listener: TcpListener,
+    pub listener: Socket,
     /// `Some` on the TLS listener (`[proxy.tls]`).
     pub tls: Option<Arc<Acceptor>>,
     pub ctx: Arc<Context>,
@@ -113,12 +147,11 @@ impl Listener {
                 self.ctx.metrics.sessions_rejected.inc();
                 // Best effort, never blocking the accept loop (a TLS client just closes).
                 if self.tls.is_none() {
-                    let _ = client.try_write(MAX_CLIENTS_REPLY);
+                    client.try_write(MAX_CLIENTS_REPLY);
                 }
                 debug!(client.addr = %addr, "max_clients reached");
                 continue;
             };
-            let _ = client.set_nodelay(true);
             self.ctx.metrics.sessions_total.inc();
             let open = OpenSession::new(&self.ctx.metrics, permit);
             let (ctx, route, tls) = (self.ctx.clone(), self.route.clone(), self.tls.clone());
@@ -126,9 +159,10 @@ impl Listener {
             let shutdown = shutdown.clone();
             self.sessions.spawn(
                 async move {
-                    let client = match tls {
-                        None => Stream::Tcp(client),
-                        Some(tls) => match tls.accept(client).await {
+                    let client = match (client, tls) {
+                        (Accepted::Unix(unix), _) => Stream::Unix(unix),
+                        (Accepted::Tcp(tcp), None) => Stream::Tcp(tcp),
+                        (Accepted::Tcp(tcp), Some(tls)) => match tls.accept(tcp).await {
                             Ok(stream) => stream,
                             Err(e) => {
                                 ctx.metrics.tls_handshake_failures.inc();

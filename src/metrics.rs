@@ -40,6 +40,9 @@ pub struct Metrics {
     denied_commands: IntCounterVec,
     member_drained: IntGaugeVec,
     operations: IntCounterVec,
+    /// Bytes read from clients and written to them (the proxy's traffic, both ways).
+    pub client_bytes_in: IntCounter,
+    pub client_bytes_out: IntCounter,
 }
 
 macro_rules! register {
@@ -53,9 +56,25 @@ macro_rules! register {
 }
 
 impl Metrics {
-    /// Creates every metric on `registry`.
+    /// Creates every metric on `registry`, with the process's own (`process_*`: open fds,
+    /// resident memory, CPU seconds, threads) and `geoproxy_build_info`.
     pub fn new(registry: Registry) -> Metrics {
         let r = &registry;
+        // Failing here only loses the process metrics (a /proc that cannot be read).
+        let _ = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        let build = register!(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "geoproxy_build_info",
+                    "1, with the version of the running geoproxy as a label."
+                ),
+                &["version"]
+            )
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let opts = |name: &str, help: &str| Opts::new(name, help);
         Metrics {
             member_up: register!(
@@ -306,6 +325,20 @@ impl Metrics {
                     &["operation"]
                 )
             ),
+            client_bytes_in: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_client_bytes_received_total",
+                    "Bytes read from clients."
+                )
+            ),
+            client_bytes_out: register!(
+                r,
+                IntCounter::new(
+                    "geoproxy_client_bytes_sent_total",
+                    "Bytes written to clients (replies, pushes and geoproxy's own answers)."
+                )
+            ),
             move_duration: register!(
                 r,
                 Histogram::with_opts(
@@ -322,10 +355,11 @@ impl Metrics {
         }
     }
 
-    /// Declares the members so every per-member series exists (at 0) from the start.
+    /// Declares the members so every per-member series exists (at 0) from the start, but
+    /// `geoproxy_member_up`: a member whose first check has not finished is not reported
+    /// as down (its series appears with the first verdict).
     pub fn init_members<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         for id in ids {
-            self.member_up.with_label_values(&[id]).set(0);
             self.active_member.with_label_values(&[id]).set(0);
             self.commands.with_label_values(&[id]);
             self.inflight_errors.with_label_values(&[id]);

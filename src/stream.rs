@@ -1,6 +1,6 @@
-//! A connection on either side of the proxy: plain TCP, or TLS (to a member: the proxy is
-//! the TLS client; from a client: the proxy is the TLS server). Sessions, upstreams and
-//! health checks hold a [`Stream`] and do not care which.
+//! A connection on either side of the proxy: plain TCP, TLS (to a member: the proxy is the
+//! TLS client; from a client: the proxy is the TLS server), or a unix socket from a client.
+//! Sessions, upstreams and health checks hold a [`Stream`] and do not care which.
 //!
 //! TLS buffers what is written: every write that must reach the peer now goes through
 //! [`Stream::send`] (write, then flush). For TCP the flush costs nothing.
@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::{client, server};
 
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub enum Stream {
     TlsToMember(Box<client::TlsStream<TcpStream>>),
     /// From a client of the TLS listener (`[proxy.tls]`).
     TlsFromClient(Box<server::TlsStream<TcpStream>>),
+    /// From a client of the unix socket (`proxy.unixsocket`).
+    Unix(UnixStream),
 }
 
 impl Stream {
@@ -34,6 +36,7 @@ impl Stream {
     pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_write(buf),
+            Stream::Unix(s) => s.try_write(buf),
             // A TLS stream encrypts into its own buffer first: poll it once. The waker is
             // replaced by the real one at the next wait, and the caller flushes after.
             tls => match Pin::new(tls).poll_write(&mut Context::from_waker(Waker::noop()), buf) {
@@ -54,15 +57,6 @@ impl Stream {
             Poll::Pending
         )
     }
-
-    /// The TCP socket under any TLS.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Tcp(s) => s,
-            Stream::TlsToMember(s) => s.get_ref().0,
-            Stream::TlsFromClient(s) => s.get_ref().0,
-        }
-    }
 }
 
 impl AsyncRead for Stream {
@@ -75,6 +69,7 @@ impl AsyncRead for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::TlsToMember(s) => Pin::new(s).poll_read(cx, buf),
             Stream::TlsFromClient(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -89,6 +84,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::TlsToMember(s) => Pin::new(s).poll_write(cx, buf),
             Stream::TlsFromClient(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -97,6 +93,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::TlsToMember(s) => Pin::new(s).poll_flush(cx),
             Stream::TlsFromClient(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -105,6 +102,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::TlsToMember(s) => Pin::new(s).poll_shutdown(cx),
             Stream::TlsFromClient(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -285,7 +285,8 @@ impl Session {
                 .await
             {
                 Event::ClientRead(Ok(0)) => self.client_eof = true,
-                Event::ClientRead(Ok(_)) => {
+                Event::ClientRead(Ok(n)) => {
+                    self.ctx.metrics.client_bytes_in.inc_by(n as u64);
                     self.last_client_io = Instant::now();
                     if self.requests.len() > self.ctx.query_buffer_limit {
                         // Redis closes such a client without a reply.
@@ -729,6 +730,7 @@ impl Session {
             self.blocked_forever = false;
         }
         let result = self.client.send(&self.replies[..consumed]).await;
+        self.ctx.metrics.client_bytes_out.inc_by(consumed as u64);
         self.replies.advance(consumed);
         result.map_err(SessionError::Client)?;
         // A slow client is not a slow member: the wait for the next reply starts now.
@@ -759,6 +761,7 @@ impl Session {
 
     async fn write_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         self.last_client_io = Instant::now();
+        self.ctx.metrics.client_bytes_out.inc_by(bytes.len() as u64);
         self.client.send(bytes).await.map_err(SessionError::Client)
     }
 

@@ -222,3 +222,68 @@ async fn client_reply_off_and_skip_keep_the_reply_count_right() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_serves_as_the_tcp_port_does_and_goes_at_shutdown() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let member = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("geoproxy.sock");
+    // A file left by an earlier run is replaced, as Redis does.
+    std::fs::write(&path, b"stale").unwrap();
+    let keys = format!("unixsocket = \"{}\"\nunixsocketperm = 770", path.display());
+    let proxy = Proxy::start(
+        &[("local", member.addr())],
+        Options {
+            extra_proxy: Box::leak(keys.into_boxed_str()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o770);
+    let mut unix = tokio::net::UnixStream::connect(&path).await.unwrap();
+    unix.write_all(b"SET via unix\r\nGET via\r\nPING\r\n")
+        .await
+        .unwrap();
+    let want = b"+OK\r\n$4\r\nunix\r\n+PONG\r\n";
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(5), unix.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, want);
+    assert_eq!(proxy.metric("geoproxy_client_bytes_received_total").await, 29.0);
+    assert!(proxy.metric("geoproxy_client_bytes_sent_total").await >= want.len() as f64);
+    drop(unix);
+    proxy.stop().await;
+    assert!(!path.exists(), "the socket file stays after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_and_build_metrics_and_no_member_down_before_its_first_check() {
+    use crate::support::relay::{Fault, FaultRelay};
+    let member = RedisServer::start();
+    let relay = FaultRelay::start(&member.addr()).await;
+    relay.set(Fault::BlackHole);
+    // The first check cannot finish for 5 s (a PING into a black hole).
+    let proxy = Proxy::start_unrouted(
+        &[("local", relay.addr())],
+        Options {
+            check_timeout: "5s",
+            interval: "10s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let (_, text) = proxy.get("/metrics").await;
+    assert!(text.contains("geoproxy_build_info{version=\""), "{text}");
+    assert!(text.contains("process_open_fds "), "{text}");
+    assert!(text.contains("process_resident_memory_bytes "), "{text}");
+    assert!(
+        !text.contains("geoproxy_member_up{"),
+        "a member not checked yet is reported: {text}"
+    );
+    assert_eq!(proxy.status().await["members"][0]["state"], "unknown");
+}
