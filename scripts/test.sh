@@ -4,8 +4,8 @@
 # processes on free ports) and doc tests. Extra arguments go to `cargo test`, for example
 #   scripts/test.sh -- --nocapture
 #   scripts/test.sh --test it failover
-# On a fresh Debian/Ubuntu machine it installs redis-server (apt) and redis-py (pip) first
-# when they are missing.
+# On a fresh Debian/Ubuntu machine it installs redis-server and etcd-server (apt) and
+# redis-py (pip) first when they are missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +22,12 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH; install Rust (
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "test.sh: redis-server not found; installing it with apt-get"
     apt_install redis-server
+fi
+
+# etcd, for the centralized mode's tests (tests/it/modes.rs start their own on free ports).
+if ! command -v etcd >/dev/null 2>&1; then
+    echo "test.sh: etcd not found; installing it with apt-get"
+    apt_install etcd-server
 fi
 
 # redis-py, for the scenario in tests/py/ (a second real client besides redis-rs).

@@ -91,6 +91,13 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
             "geoproxy is shutting down",
         );
     }
+    if s.route.borrow().standby {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby",
+            "this proxy is a standby (centralized mode)",
+        );
+    }
     if s.route.borrow().member.is_none() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -112,6 +119,8 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
 #[derive(Serialize)]
 struct Status {
     mode: Mode,
+    /// `active` (serving) or `standby` (centralized mode, not holding the lease).
+    role: &'static str,
     failback: Failback,
     serving: bool,
     epoch: u64,
@@ -208,6 +217,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
     });
     Json(Status {
         mode: s.mode,
+        role: if route.standby { "standby" } else { "active" },
         failback: s.failback,
         serving: s.serving.load(Ordering::Relaxed),
         epoch: route.epoch,
@@ -317,6 +327,7 @@ async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Respon
                 OperatorError::NotHealthy => (StatusCode::CONFLICT, "member_not_healthy"),
                 OperatorError::Drained => (StatusCode::CONFLICT, "member_drained"),
                 OperatorError::LastMember => (StatusCode::CONFLICT, "last_member"),
+                OperatorError::Standby => (StatusCode::CONFLICT, "standby"),
             };
             error(status, code, &format!("{name} of \"{id}\" refused: {e}"))
         }

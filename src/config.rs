@@ -132,6 +132,56 @@ pub struct Config {
     pub failover: FailoverConfig,
     pub log: LogConfig,
     pub commands: CommandPolicy,
+    /// `Some` in centralized mode: how the active proxy is elected.
+    pub centralized: Option<CentralizedConfig>,
+}
+
+/// `[centralized]`: how the active proxy is chosen among this proxy and its standbys.
+#[derive(Clone, Debug)]
+pub struct CentralizedConfig {
+    /// This proxy's name among its peers (`proxy.name`; default: host name and process id).
+    pub name: String,
+    pub election: Election,
+}
+
+#[derive(Clone, Debug)]
+pub enum Election {
+    /// A lease in etcd (through its JSON gateway): the holder serves.
+    Etcd {
+        /// `http://host:2379`, tried in order.
+        endpoints: Vec<String>,
+        /// Keys `<prefix>/leader` (the lease holder) and `<prefix>/route` (its last route).
+        prefix: String,
+        /// The lease's TTL; the holder renews every third of it and stops serving when it
+        /// has not renewed for two thirds of it (before etcd can expire the lease).
+        lease_ttl: Duration,
+    },
+    /// Two proxies without etcd: the standby polls the active one's `/ready` and takes over
+    /// after `down_after` failures in a row. Not partition-safe: both can serve.
+    Peer {
+        /// The other proxy's admin API, `http://host:9380`.
+        peer: String,
+        /// This proxy is the active one at start (exactly one of the two says so).
+        primary: bool,
+        interval: Duration,
+        down_after: u32,
+    },
+}
+
+/// Default `[centralized]` lease TTL.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(6);
+/// Default `failover.strict_timeout`: how long a strict switch waits for in-flight replies.
+pub const DEFAULT_STRICT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How sessions move at a switch.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchMode {
+    /// Each session at its own quiescent point (co-located and pooled default).
+    PerSession,
+    /// Break before make: no session sends to the new member before every session left
+    /// the old one (centralized default).
+    Strict,
 }
 
 /// Who checks a client's password.
@@ -363,6 +413,10 @@ pub struct FailoverConfig {
     pub retry_reads: bool,
     /// Longest hold of a flapping member (its grace doubles at each flap, up to this).
     pub flap_hold_max: Duration,
+    pub switch: SwitchMode,
+    /// With the strict switch: how long it waits for sessions' in-flight replies on the
+    /// old member before evicting them.
+    pub strict_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -499,6 +553,7 @@ mod raw {
         pub log: Log,
         #[serde(default)]
         pub commands: Commands,
+        pub centralized: Option<Centralized>,
     }
 
     #[derive(Deserialize, Default)]
@@ -550,6 +605,8 @@ mod raw {
         pub threads: Option<usize>,
         pub tls: Option<ProxyTls>,
         pub unixsocket: Option<String>,
+        /// This proxy's name among its peers (centralized and pooled modes).
+        pub name: Option<String>,
         /// Octal digits, as Redis writes it (`700`).
         pub unixsocketperm: Option<u32>,
         pub auth: Option<AuthMode>,
@@ -697,6 +754,26 @@ mod raw {
         pub retry_reads: Option<bool>,
         #[serde(default, with = "humantime_serde")]
         pub flap_hold_max: Option<Duration>,
+        pub switch: Option<SwitchMode>,
+        #[serde(default, with = "humantime_serde")]
+        pub strict_timeout: Option<Duration>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Centralized {
+        /// "etcd" or "peer".
+        pub election: String,
+        #[serde(default)]
+        pub etcd_endpoints: Vec<String>,
+        pub etcd_prefix: Option<String>,
+        #[serde(default, with = "humantime_serde")]
+        pub lease_ttl: Option<Duration>,
+        pub peer: Option<String>,
+        pub primary: Option<bool>,
+        #[serde(default, with = "humantime_serde")]
+        pub peer_interval: Option<Duration>,
+        pub peer_down_after: Option<u32>,
     }
 
     #[derive(Deserialize, Default)]
@@ -772,16 +849,15 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
     if max_clients == 0 {
         problems.push("proxy.max_clients: must be greater than zero".into());
     }
-    if p.mode != Mode::Colocated {
-        let mode = if p.mode == Mode::Pooled {
-            "pooled"
-        } else {
-            "centralized"
-        };
-        problems.push(format!(
-            "proxy.mode: \"{mode}\" is not available yet in this version; use \"colocated\""
-        ));
+    if p.mode == Mode::Pooled {
+        problems.push(
+            "proxy.mode: \"pooled\" is not available yet in this version; use \"colocated\" \
+             or \"centralized\""
+                .into(),
+        );
     }
+    let centralized =
+        validate_centralized(&mut problems, p.mode, p.name.as_deref(), &raw.centralized);
 
     let h = &raw.health;
     let interval = positive(
@@ -927,6 +1003,19 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
     if flap_hold_max < failback_after {
         problems.push("failover.flap_hold_max: must be at least failover.failback_after".into());
     }
+    let strict_timeout = positive(
+        &mut problems,
+        "failover.strict_timeout",
+        f.strict_timeout,
+        DEFAULT_STRICT_TIMEOUT,
+    );
+    if p.mode == Mode::Centralized && f.switch == Some(SwitchMode::PerSession) {
+        problems.push(
+            "failover.switch: centralized mode switches strictly (it is what the mode \
+             guarantees); remove the key"
+                .into(),
+        );
+    }
 
     let tls = p.tls.as_ref().and_then(|t| {
         let listen = addr(&mut problems, "proxy.tls.listen", &t.listen)?;
@@ -1025,12 +1114,128 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             failback_after,
             retry_reads: f.retry_reads.unwrap_or(false),
             flap_hold_max,
+            switch: f.switch.unwrap_or(if p.mode == Mode::Centralized {
+                SwitchMode::Strict
+            } else {
+                SwitchMode::PerSession
+            }),
+            strict_timeout,
         },
         log: LogConfig {
             format: raw.log.format,
         },
         commands,
+        centralized,
     })
+}
+
+/// `[centralized]`: required in centralized mode, refused otherwise.
+fn validate_centralized(
+    problems: &mut Vec<String>,
+    mode: Mode,
+    name: Option<&str>,
+    raw: &Option<raw::Centralized>,
+) -> Option<CentralizedConfig> {
+    let raw = match (mode, raw) {
+        (Mode::Centralized, Some(c)) => c,
+        (Mode::Centralized, None) => {
+            problems.push(
+                "centralized: proxy.mode = \"centralized\" needs a [centralized] table".into(),
+            );
+            return None;
+        }
+        (_, Some(_)) => {
+            problems.push("centralized: only used with proxy.mode = \"centralized\"".into());
+            return None;
+        }
+        (_, None) => return None,
+    };
+    let name = match name {
+        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_graphic()) => n.to_string(),
+        Some(n) => {
+            problems.push(format!(
+                "proxy.name: \"{n}\" must be printable ASCII without spaces"
+            ));
+            String::new()
+        }
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        }
+    };
+    let url = |problems: &mut Vec<String>, key: &str, u: &str| {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            problems.push(format!(
+                "{key}: \"{u}\" is not a URL (for example \"http://127.0.0.1:2379\")"
+            ));
+        }
+    };
+    let election = match raw.election.as_str() {
+        "etcd" => {
+            if raw.etcd_endpoints.is_empty() {
+                problems.push("centralized.etcd_endpoints: at least one etcd endpoint".into());
+            }
+            for (i, e) in raw.etcd_endpoints.iter().enumerate() {
+                url(problems, &format!("centralized.etcd_endpoints[{i}]"), e);
+            }
+            let lease_ttl = positive(
+                problems,
+                "centralized.lease_ttl",
+                raw.lease_ttl,
+                DEFAULT_LEASE_TTL,
+            );
+            if lease_ttl < Duration::from_secs(2) {
+                problems.push(
+                    "centralized.lease_ttl: must be at least 2s (etcd counts whole seconds)".into(),
+                );
+            }
+            Election::Etcd {
+                endpoints: raw
+                    .etcd_endpoints
+                    .iter()
+                    .map(|e| e.trim_end_matches('/').to_string())
+                    .collect(),
+                prefix: raw
+                    .etcd_prefix
+                    .clone()
+                    .unwrap_or_else(|| "/geoproxy/default".into()),
+                lease_ttl,
+            }
+        }
+        "peer" => {
+            let peer = raw.peer.clone().unwrap_or_default();
+            if peer.is_empty() {
+                problems.push(
+                    "centralized.peer: election = \"peer\" needs the other proxy's admin URL"
+                        .into(),
+                );
+            } else {
+                url(problems, "centralized.peer", &peer);
+            }
+            let down_after = raw.peer_down_after.unwrap_or(3);
+            if down_after == 0 {
+                problems.push("centralized.peer_down_after: must be at least 1".into());
+            }
+            Election::Peer {
+                peer: peer.trim_end_matches('/').to_string(),
+                primary: raw.primary.unwrap_or(false),
+                interval: positive(
+                    problems,
+                    "centralized.peer_interval",
+                    raw.peer_interval,
+                    Duration::from_secs(1),
+                ),
+                down_after,
+            }
+        }
+        other => {
+            problems.push(format!(
+                "centralized.election: \"{other}\" is not \"etcd\" or \"peer\""
+            ));
+            return None;
+        }
+    };
+    Some(CentralizedConfig { name, election })
 }
 
 /// A member's `tls*` keys, its files read now.
@@ -1695,11 +1900,68 @@ mod tests {
                 "[commands]\nrename = { GET = \"X\", SET = \"x\" }\n[admin]",
                 "commands.rename: two commands renamed to \"x\"",
             ),
+            (
+                "mode = \"colocated\"",
+                "mode = \"centralized\"",
+                "centralized: proxy.mode = \"centralized\" needs a [centralized] table",
+            ),
+            (
+                "[admin]",
+                "[centralized]\nelection = \"etcd\"\n[admin]",
+                "centralized: only used with proxy.mode = \"centralized\"",
+            ),
         ];
         for (from, to, want) in cases {
             let text = MINIMAL.replacen(from, to, 1);
             let p = problems(&text);
             assert!(p.iter().any(|p| p.starts_with(want)), "{want}: got {p:?}");
+        }
+    }
+
+    #[test]
+    fn centralized_keys_name_their_problems() {
+        let with = |table: &str| {
+            MINIMAL
+                .replacen("mode = \"colocated\"", "mode = \"centralized\"", 1)
+                .replacen("[admin]", &format!("[centralized]\n{table}\n[admin]"), 1)
+        };
+        let cases = [
+            (
+                "election = \"etcd\"",
+                "centralized.etcd_endpoints: at least one etcd endpoint",
+            ),
+            (
+                "election = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\nlease_ttl = \"1s\"",
+                "centralized.lease_ttl: must be at least 2s",
+            ),
+            (
+                "election = \"raft\"",
+                "centralized.election: \"raft\" is not \"etcd\" or \"peer\"",
+            ),
+            (
+                "election = \"peer\"",
+                "centralized.peer: election = \"peer\" needs",
+            ),
+        ];
+        for (table, want) in cases {
+            let p = problems(&with(table));
+            assert!(p.iter().any(|p| p.starts_with(want)), "{want}: got {p:?}");
+        }
+        let c = Config::from_toml(&with(
+            "election = \"etcd\"\netcd_endpoints = [\"http://e:2379/\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.failover.switch, SwitchMode::Strict);
+        match c.centralized.unwrap().election {
+            Election::Etcd {
+                endpoints,
+                lease_ttl,
+                ..
+            } => {
+                assert_eq!(endpoints, ["http://e:2379"]);
+                assert_eq!(lease_ttl, DEFAULT_LEASE_TTL);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

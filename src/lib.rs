@@ -28,6 +28,7 @@ pub mod health;
 pub mod listener;
 pub mod member;
 pub mod metrics;
+pub mod modes;
 pub mod resp;
 pub mod router;
 pub mod session;
@@ -50,12 +51,13 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::admin::AdminState;
-use crate::config::{AuthMode, HealthConfig};
+use crate::config::{AuthMode, HealthConfig, SwitchMode};
 use crate::health::replication::Matrix;
 use crate::listener::{Listener, Socket};
 use crate::member::Members;
 use crate::metrics::Metrics;
-use crate::router::{GateCell, History, Route, Router, RouterTask};
+use crate::modes::centralized::{ElectionTask, Fence};
+use crate::router::{GateCell, History, Leadership, Route, Router, RouterTask};
 use crate::session::policy::{login, Rules};
 use crate::session::Context;
 use crate::tls::Acceptor;
@@ -161,9 +163,7 @@ impl Server {
             }
         }
         let acceptor = config.proxy.tls.as_ref().map(|t| t.acceptor.clone());
-        if let Some(acceptor) = acceptor.clone() {
-            tokio::spawn(reload_certificates_on_sighup(acceptor, shutdown.clone()));
-        }
+        tokio::spawn(on_sighup(acceptor.clone(), shutdown.clone()));
         let slots = health::plan(&config.health);
         let members = Members::new(
             &config.members,
@@ -185,7 +185,23 @@ impl Server {
             let ids = members.list.iter().map(|m| m.id().to_string()).collect();
             Arc::new(Matrix::new(ids, r.shards, r.tolerance))
         });
+        let (leadership_tx, leadership_rx) = watch::channel(Leadership::default());
+        let fence = config
+            .centralized
+            .as_ref()
+            .map(|_| Arc::new(Fence::default()));
+        let election = config.centralized.clone().map(|c| ElectionTask {
+            config: c,
+            fence: fence.clone().unwrap_or_default(),
+            members: members.clone(),
+            route: route_rx.clone(),
+            leadership: leadership_tx,
+            metrics: metrics.clone(),
+        });
+        let strict = (config.failover.switch == SwitchMode::Strict)
+            .then_some(config.failover.strict_timeout);
         let control = Control {
+            election,
             members: members.clone(),
             health: config.health.clone(),
             metrics: metrics.clone(),
@@ -198,6 +214,8 @@ impl Server {
                 operations,
                 metrics: metrics.clone(),
                 gate: gate.clone(),
+                leadership: config.centralized.is_some().then_some(leadership_rx),
+                strict,
             },
             admin,
             admin_state: Arc::new(AdminState {
@@ -238,6 +256,7 @@ impl Server {
             retry_reads: config.failover.retry_reads,
             client_idle_timeout: config.proxy.client_idle_timeout,
             query_buffer_limit: config.proxy.client_query_buffer_limit,
+            fence,
             rules: Rules {
                 commands: config.commands.clone(),
                 users: (config.proxy.auth == AuthMode::Proxy).then(|| config.proxy.users.clone()),
@@ -366,6 +385,8 @@ impl Server {
 /// The control path: checkers, router and admin API, on a thread and runtime of their own,
 /// so a busy data path cannot delay a check into a false timeout.
 struct Control {
+    /// Centralized mode: the election of the proxy that serves.
+    election: Option<ElectionTask>,
     members: Arc<Members>,
     health: HealthConfig,
     metrics: Metrics,
@@ -379,6 +400,7 @@ struct Control {
 impl Control {
     fn start(self, stop: CancellationToken) -> io::Result<std::thread::JoinHandle<()>> {
         let Control {
+            election,
             members,
             health,
             metrics,
@@ -406,6 +428,9 @@ impl Control {
                     let tasks = TaskTracker::new();
                     health::spawn(&tasks, &members, &health, &metrics, matrix, &stop);
                     tasks.spawn(router.run(stop.clone()));
+                    if let Some(election) = election {
+                        tasks.spawn(election.run(stop.clone()));
+                    }
                     match TcpListener::from_std(admin) {
                         Ok(admin) => {
                             tasks.spawn(admin::run(admin, admin_state, stop.clone()));
@@ -434,8 +459,9 @@ fn listen_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
 
 /// SIGHUP reads the TLS listener's certificate, key and client CA files again; sessions
 /// already open keep theirs. An unreadable or mismatched file is logged and the running
-/// certificate stays. (Other configuration changes still need a restart.)
-async fn reload_certificates_on_sighup(acceptor: Arc<Acceptor>, shutdown: CancellationToken) {
+/// certificate stays. Other configuration changes still need a restart, and a proxy
+/// without `[proxy.tls]` only says so: SIGHUP never ends the process.
+async fn on_sighup(acceptor: Option<Arc<Acceptor>>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         warn!("cannot install the SIGHUP handler");
@@ -446,11 +472,12 @@ async fn reload_certificates_on_sighup(acceptor: Arc<Acceptor>, shutdown: Cancel
             _ = shutdown.cancelled() => return,
             got = hangups.recv() => if got.is_none() { return },
         }
-        match acceptor.reload() {
-            Ok(()) => info!("SIGHUP: TLS certificates reloaded"),
-            Err(e) => {
+        match acceptor.as_ref().map(|a| a.reload()) {
+            Some(Ok(())) => info!("SIGHUP: TLS certificates reloaded"),
+            Some(Err(e)) => {
                 warn!(error = %e, "SIGHUP: TLS certificates not reloaded; the running ones stay")
             }
+            None => info!("SIGHUP: nothing to reload (other configuration changes need a restart)"),
         }
     }
 }

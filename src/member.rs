@@ -7,7 +7,7 @@
 //! [`Evidence`]; the checker probes and answers.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::{Notify, Semaphore};
@@ -124,6 +124,25 @@ pub struct Member {
     commands: OnceLock<CommandTable>,
     /// Sessions' connection attempts in flight to this member.
     pub connects: Semaphore,
+    /// Sessions with an upstream to this member now (a strict switch waits for none).
+    pub attached: Arc<AtomicUsize>,
+}
+
+/// Counts one session's upstream in [`Member::attached`] for as long as it lives.
+#[derive(Debug)]
+pub struct Attached(Arc<AtomicUsize>);
+
+impl Attached {
+    pub fn new(member: &Member) -> Attached {
+        member.attached.fetch_add(1, Ordering::AcqRel);
+        Attached(member.attached.clone())
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Member {
@@ -259,6 +278,7 @@ impl Members {
                 refusals: AtomicU64::new(0),
                 commands: OnceLock::new(),
                 connects: Semaphore::new(CONNECTS_IN_FLIGHT),
+                attached: Arc::new(AtomicUsize::new(0)),
             })
             .collect();
         Arc::new(Members {

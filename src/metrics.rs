@@ -43,6 +43,8 @@ pub struct Metrics {
     /// Bytes read from clients and written to them (the proxy's traffic, both ways).
     pub client_bytes_in: IntCounter,
     pub client_bytes_out: IntCounter,
+    leader: IntGauge,
+    peer_reachable: IntGaugeVec,
 }
 
 macro_rules! register {
@@ -325,6 +327,25 @@ impl Metrics {
                     &["operation"]
                 )
             ),
+            leader: register!(
+                r,
+                IntGauge::new(
+                    "geoproxy_leader",
+                    "Centralized mode: 1 while this proxy is the active one (it serves), 0 while \
+                     it is a standby."
+                )
+            ),
+            peer_reachable: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_peer_reachable",
+                        "1 if the last request to this coordination peer (etcd, or the other \
+                         proxy) got an answer."
+                    ),
+                    &["peer"]
+                )
+            ),
             client_bytes_in: register!(
                 r,
                 IntCounter::new(
@@ -436,6 +457,16 @@ impl Metrics {
         self.member_drained
             .with_label_values(&[member])
             .set(drained.into());
+    }
+
+    pub fn leader(&self, serving: bool) {
+        self.leader.set(serving.into());
+    }
+
+    pub fn peer_reachable(&self, peer: &str, reachable: bool) {
+        self.peer_reachable
+            .with_label_values(&[peer])
+            .set(reachable.into());
     }
 
     /// An operator request carried out.

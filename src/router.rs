@@ -47,6 +47,16 @@ pub struct Route {
     pub epoch: u64,
     /// The active member, or `None` while no member is available.
     pub member: Option<MemberIdx>,
+    /// A strict switch is under way: no member for a moment, but one is coming. Sessions
+    /// send nothing new, finish what is in flight, and hold new commands (up to
+    /// `unavailable_timeout`) instead of refusing them.
+    pub paused: bool,
+    /// A member sessions must leave now, commands in flight or not (a strict switch that
+    /// waited `failover.strict_timeout` for them): each in-flight command is answered
+    /// `-OUTCOMEUNKNOWN`.
+    pub evict: Option<MemberIdx>,
+    /// This proxy is a standby (centralized mode): commands are refused at once.
+    pub standby: bool,
 }
 
 /// Why the route changed.
@@ -64,6 +74,11 @@ pub enum Reason {
     Operator,
     /// An operator drained the active member (`POST /v1/members/{id}/drain`).
     Drain,
+    /// This proxy became the active proxy (centralized mode), starting from the route the
+    /// last holder wrote.
+    Takeover,
+    /// This proxy stopped serving: it lost (or could not renew) the lease.
+    Standby,
 }
 
 impl fmt::Display for Reason {
@@ -75,6 +90,8 @@ impl fmt::Display for Reason {
             Reason::Recovered => f.write_str("recovered"),
             Reason::Operator => f.write_str("operator"),
             Reason::Drain => f.write_str("drain"),
+            Reason::Takeover => f.write_str("takeover"),
+            Reason::Standby => f.write_str("standby"),
         }
     }
 }
@@ -154,6 +171,8 @@ pub enum OperatorError {
     Drained,
     #[error("no other member is up to take the traffic")]
     LastMember,
+    #[error("this proxy is a standby; ask the active proxy")]
+    Standby,
 }
 
 /// The failover/failback decision.
@@ -297,6 +316,35 @@ impl Router {
         }
     }
 
+    /// This proxy became the active one: start where the last holder was (`last`, when it is
+    /// up and not drained), else as at start.
+    pub fn take_over(
+        &mut self,
+        last: Option<MemberIdx>,
+        members: &[MemberView],
+        now: Instant,
+    ) -> Decision {
+        let usable = |m: &MemberIdx| {
+            members.get(*m).is_some_and(|v| v.state == State::Up) && !self.drained[*m]
+        };
+        if let Some(m) = last.filter(usable) {
+            return self.switch_to(Some(m), Reason::Takeover, now);
+        }
+        self.routed = false;
+        let mut decision = self.decide(members, now);
+        if let Some(s) = decision.switch.as_mut() {
+            s.reason = Reason::Takeover;
+        }
+        decision
+    }
+
+    /// This proxy is (again) a standby: no route.
+    pub fn step_down(&mut self, now: Instant) -> Decision {
+        let decision = self.switch_to(None, Reason::Standby, now);
+        self.routed = false;
+        decision
+    }
+
     /// Carries out an operator's request.
     pub fn operate(
         &mut self,
@@ -438,37 +486,133 @@ pub struct RouterTask {
     pub operations: mpsc::Receiver<OperatorRequest>,
     pub metrics: Metrics,
     pub gate: Arc<GateCell>,
+    /// Centralized mode: whether this proxy holds the lease (and where the last holder
+    /// was). `None`: this proxy always serves.
+    pub leadership: Option<watch::Receiver<Leadership>>,
+    /// The strict switch (centralized mode, or `failover.switch = "strict"`): how long a
+    /// switch waits for sessions to leave the old member before it evicts them.
+    pub strict: Option<Duration>,
 }
 
+/// What the election tells the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leadership {
+    /// This proxy holds the lease: it serves.
+    pub serving: bool,
+    /// The member the last holder's route named, when this proxy took over.
+    pub start_from: Option<MemberIdx>,
+}
+
+/// How often a strict switch looks at the old member's sessions.
+const STRICT_POLL: Duration = Duration::from_millis(5);
+
 impl RouterTask {
-    /// Re-decides on every health flip, hold expiry and switchover; publishes switches.
+    /// Re-decides on every health flip, hold expiry, operator request and change of
+    /// leadership; publishes switches.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut serving = self.leadership.is_none();
+        if !serving {
+            // A standby from the start: refuse clients until elected.
+            let decision = self.router.step_down(Instant::now());
+            self.publish(decision).await;
+        }
         loop {
             let views = self.views();
             let now = Instant::now();
-            let decision = self.router.decide(&views, now);
-            self.publish(decision);
-            self.publish_gate(&views, now);
-            let wake_at = decision.wake_at;
+            let leader = self.leadership.as_ref().map(|l| *l.borrow());
+            if let Some(l) = leader.filter(|l| l.serving != serving) {
+                serving = l.serving;
+                let decision = if serving {
+                    self.router.take_over(l.start_from, &views, now)
+                } else {
+                    self.router.step_down(now)
+                };
+                self.publish(decision).await;
+            }
+            let mut wake_at = None;
+            if serving {
+                let decision = self.router.decide(&views, now);
+                self.publish(decision).await;
+                self.publish_gate(&views, now);
+                wake_at = decision.wake_at;
+            }
+            let leadership_changed = async {
+                match self.leadership.as_mut() {
+                    Some(l) => {
+                        if l.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.members.changed.notified() => {}
+                _ = leadership_changed => {}
                 Some(request) = self.operations.recv() => {
                     let views = self.views();
-                    let outcome = self.router.operate(request.op, &views, Instant::now());
-                    let outcome = outcome.map(|decision| {
-                        self.publish(decision);
-                        *self.route.borrow()
-                    });
+                    let outcome = if serving {
+                        self.router.operate(request.op, &views, Instant::now())
+                    } else {
+                        Err(OperatorError::Standby)
+                    };
+                    let route = match outcome {
+                        Ok(decision) => {
+                            self.publish(decision).await;
+                            Ok(*self.route.borrow())
+                        }
+                        Err(e) => Err(e),
+                    };
                     if let (Operation::Drain(i) | Operation::Enable(i), Ok(_)) =
-                        (request.op, &outcome)
+                        (request.op, &route)
                     {
                         let member = self.members.get(i).id();
                         self.metrics.member_drained(member, self.router.drained(i));
                     }
-                    let _ = request.reply.send(outcome);
+                    let _ = request.reply.send(route);
                 }
                 _ = sleep_until(wake_at.unwrap_or_else(far_future)), if wake_at.is_some() => {}
+            }
+        }
+    }
+
+    /// The strict switch's first half: no member (sessions stop sending and finish what is
+    /// in flight), then wait until no session is attached to `from`; after `limit`, evict
+    /// the rest (their in-flight commands get `-OUTCOMEUNKNOWN`) and wait for them to go.
+    async fn break_before_make(&self, from: MemberIdx, limit: Duration) {
+        let attached = || {
+            self.members
+                .get(from)
+                .attached
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        let epoch = self.route.borrow().epoch;
+        self.route.send_replace(Route {
+            epoch: epoch + 1,
+            paused: true,
+            ..Route::default()
+        });
+        let deadline = Instant::now() + limit;
+        while attached() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(STRICT_POLL).await;
+        }
+        if attached() > 0 {
+            warn!(
+                member = self.members.get(from).id(),
+                sessions = attached(),
+                "strict switch: sessions still on the old member after failover.strict_timeout; evicting them"
+            );
+            self.route.send_replace(Route {
+                epoch: epoch + 2,
+                paused: true,
+                evict: Some(from),
+                ..Route::default()
+            });
+            // Eviction answers at once; this bound only guards against a stuck session.
+            let deadline = Instant::now() + limit;
+            while attached() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(STRICT_POLL).await;
             }
         }
     }
@@ -511,17 +655,26 @@ impl RouterTask {
         }
     }
 
-    /// Publishes a switch: the route, the metrics, the history and one log line.
-    fn publish(&self, decision: Decision) {
+    /// Publishes a switch: the route (strictly: first nobody, then the new member), the
+    /// metrics, the history and one log line.
+    async fn publish(&self, decision: Decision) {
         let Some(switch) = decision.switch else {
             return;
         };
+        if let (Some(limit), Some(from), Some(_)) = (self.strict, switch.from, switch.to) {
+            self.break_before_make(from, limit).await;
+        }
         let members = &self.members;
         let name = |i: Option<MemberIdx>| i.map_or("none", |i| members.get(i).id());
         let epoch = self.route.borrow().epoch + 1;
+        let standby = switch.reason == Reason::Standby;
         self.route.send_replace(Route {
             epoch,
             member: switch.to,
+            standby,
+            // A proxy that stops serving leaves its member at once, in-flight or not.
+            evict: switch.from.filter(|_| standby),
+            ..Route::default()
         });
         let (from, to, reason) = (name(switch.from), name(switch.to), switch.reason);
         self.metrics.switched(from, to, &reason.to_string());
@@ -540,8 +693,10 @@ impl RouterTask {
         });
         self.metrics
             .no_member_available
-            .set(switch.to.is_none().into());
-        if switch.to.is_none() {
+            .set((switch.to.is_none() && !standby).into());
+        if standby {
+            info!(from, %reason, epoch, "switch: standby, not serving");
+        } else if switch.to.is_none() {
             warn!(from, to, %reason, epoch, "switch: no member available");
         } else {
             info!(from, to, %reason, epoch, "switch");
@@ -568,6 +723,8 @@ mod tests {
             failback_after: GRACE,
             retry_reads: false,
             flap_hold_max: HOLD_MAX,
+            switch: crate::config::SwitchMode::PerSession,
+            strict_timeout: Duration::from_secs(1),
         };
         Router::new(&config, 3)
     }

@@ -9,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::config::MemberConfig;
-use crate::member::{Member, MemberIdx};
+use crate::member::{Attached, Member, MemberIdx};
 use crate::resp::reply::{first_frame, Reply};
 use crate::resp::ProtocolError;
 use crate::session::state::SessionState;
@@ -53,6 +53,8 @@ pub struct Upstream {
     /// What the member sent after the replay (messages on re-made subscriptions), to be
     /// forwarded before anything else.
     pub early: BytesMut,
+    /// Counts this upstream in the member's `attached` until it is dropped.
+    _attached: Attached,
 }
 
 /// Opens a connection to `member` and replays `state` on it (subscriptions included), all
@@ -118,6 +120,7 @@ pub async fn open(
             member: idx,
             stream,
             early,
+            _attached: Attached::new(member),
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(UpstreamError::Timeout(address.clone())),

@@ -89,6 +89,8 @@ pub struct Context {
     /// Per member (by index), with `proxy.auth = "proxy"`: the AUTH command with the
     /// member's own credentials, sent first on every upstream.
     pub logins: Vec<Option<Vec<u8>>>,
+    /// Centralized mode: this proxy may send to members only while the fence is open.
+    pub fence: Option<Arc<crate::modes::centralized::Fence>>,
 }
 
 /// What the proxy answers itself instead of a member.
@@ -385,6 +387,8 @@ impl Session {
             // The command at `end` was rewritten by the policy: it is not screened again.
             let mut screened = false;
             let was_idle = self.ledger.in_flight() == 0;
+            // A strict switch, or a fence that closed, holds new commands.
+            let held = self.route_seen.paused || self.ctx.fence.as_ref().is_some_and(|f| !f.open());
             while self.protocol_error.is_none() && !self.ledger.quitting() {
                 let frame = match self.request_scanner.next(&self.requests[end..]) {
                     Ok(Some(f)) => f,
@@ -469,7 +473,7 @@ impl Session {
                 }
                 let name = &bytes[frame.name.clone()];
                 let kind = self.kind_of(name);
-                if self.upstream.is_none() || self.answers_locally(kind) {
+                if self.upstream.is_none() || self.answers_locally(kind) || held {
                     // This command cannot join the batch: send the batch first.
                     if end == 0 {
                         local = Some((frame.len, Local::Kind(kind)));
@@ -671,12 +675,13 @@ impl Session {
                 // No upstream: wait for a member, up to `unavailable_timeout`; not at all
                 // once the router has said that no member is available.
                 let waited = self.detached_since.map_or(Duration::ZERO, |t| t.elapsed());
-                let none_available = self.route_seen.member.is_none() && self.route_seen.epoch > 0;
-                if waited < self.ctx.unavailable_timeout && !none_available {
+                let route = self.route_seen;
+                let none_available = route.member.is_none() && route.epoch > 0 && !route.paused;
+                if waited < self.ctx.unavailable_timeout && !none_available && !route.standby {
                     return Ok(false);
                 }
                 self.ctx.metrics.unavailable_replies.inc();
-                UNAVAILABLE.to_vec()
+                if route.standby { STANDBY } else { UNAVAILABLE }.to_vec()
             }
         };
         self.requests.advance(len);
@@ -778,6 +783,9 @@ impl Session {
 
 /// The reply to a command when no member is available.
 const UNAVAILABLE: &[u8] = b"-UNAVAILABLE geoproxy: no member available\r\n";
+/// The reply to a command sent to a standby proxy (centralized mode).
+const STANDBY: &[u8] =
+    b"-UNAVAILABLE geoproxy: this proxy is a standby; the active proxy serves (centralized mode)\r\n";
 
 /// A write to the session's member, and what may cut it short.
 struct MemberWrite<'a> {

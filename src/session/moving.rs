@@ -44,10 +44,11 @@ pub(super) struct AwaitingVerdict {
     pub until: Instant,
 }
 
-/// Has the route left `member` because it is down? Then what is in flight there will not
-/// be answered, and nobody waits for its reply timeout.
+/// Has the route left `member` because it is down (or evicted it, in a strict switch)?
+/// Then what is in flight there will not be answered, and nobody waits for its reply
+/// timeout.
 pub(super) fn left_down(members: &Members, route: Route, member: MemberIdx) -> bool {
-    route.member != Some(member) && !members.get(member).is_up()
+    route.member != Some(member) && (!members.get(member).is_up() || route.evict == Some(member))
 }
 
 impl AwaitingVerdict {

@@ -46,6 +46,7 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
             query_buffer_limit: 1 << 30,
             rules: Default::default(),
             logins: Vec::new(),
+            fence: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())

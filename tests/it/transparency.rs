@@ -254,7 +254,10 @@ async fn a_unix_socket_serves_as_the_tcp_port_does_and_goes_at_shutdown() {
         .unwrap()
         .unwrap();
     assert_eq!(&got, want);
-    assert_eq!(proxy.metric("geoproxy_client_bytes_received_total").await, 29.0);
+    assert_eq!(
+        proxy.metric("geoproxy_client_bytes_received_total").await,
+        29.0
+    );
     assert!(proxy.metric("geoproxy_client_bytes_sent_total").await >= want.len() as f64);
     drop(unix);
     proxy.stop().await;

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod cluster;
 pub mod diff;
 pub mod proxy;
 pub mod redis_server;
