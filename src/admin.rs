@@ -30,6 +30,7 @@ use crate::health::replication::{Matrix, MatrixView};
 use crate::health::verdict::CheckStatus;
 use crate::member::Members;
 use crate::metrics::Metrics;
+use crate::modes::pooled::{Judgement, PoolView};
 use crate::router::{
     Gate, GateCell, History, Operation, OperatorError, OperatorRequest, Route, SwitchRecord,
 };
@@ -55,6 +56,8 @@ pub struct AdminState {
     pub gate: Arc<GateCell>,
     /// The replication check's lag matrix, when it is on.
     pub matrix: Option<Arc<Matrix>>,
+    /// Pooled mode: the pool's judgement of the members.
+    pub pool: Option<Arc<PoolView>>,
 }
 
 /// Serves the admin API on `listener` until `shutdown`.
@@ -133,6 +136,9 @@ struct Status {
     failback_gate: Option<GateStatus>,
     /// The replication check's lag matrix (absent when the check is off).
     replication: Option<MatrixView>,
+    /// Pooled mode: live proxies seen, whether they make a quorum, and the down votes per
+    /// member (`null` in other modes).
+    pool: Option<Judgement>,
 }
 
 #[derive(Serialize)]
@@ -226,6 +232,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         switches: s.history.list(),
         failback_gate,
         replication: s.matrix.as_ref().map(|m| m.view()),
+        pool: s.pool.as_ref().map(|p| p.judgement()),
     })
 }
 

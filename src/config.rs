@@ -134,6 +134,35 @@ pub struct Config {
     pub commands: CommandPolicy,
     /// `Some` in centralized mode: how the active proxy is elected.
     pub centralized: Option<CentralizedConfig>,
+    /// `Some` in pooled mode: how the pool shares its views of the members.
+    pub pooled: Option<PooledConfig>,
+}
+
+/// `[pooled]`: the proxies of a pool share their views of the members; a member is down
+/// for the pool when `quorum` live proxies see it down.
+#[derive(Clone, Debug)]
+pub struct PooledConfig {
+    /// This proxy's name in the pool (`proxy.name`).
+    pub name: String,
+    pub views: PoolViews,
+    /// Live proxies (this one included) that must see a member down for the pool to call
+    /// it down; a proxy that cannot see this many live proxies uses its own view.
+    pub quorum: usize,
+    /// How often views are published and read.
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum PoolViews {
+    /// Each proxy writes its view to `<prefix>/views/<name>` under a lease of its own (so a
+    /// proxy that dies leaves the pool after `lease_ttl`) and reads everyone's.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        lease_ttl: Duration,
+    },
+    /// A static list of the other proxies' admin URLs; their `/v1/status` is their view.
+    Peers(Vec<String>),
 }
 
 /// `[centralized]`: how the active proxy is chosen among this proxy and its standbys.
@@ -554,6 +583,7 @@ mod raw {
         #[serde(default)]
         pub commands: Commands,
         pub centralized: Option<Centralized>,
+        pub pooled: Option<Pooled>,
     }
 
     #[derive(Deserialize, Default)]
@@ -761,6 +791,21 @@ mod raw {
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
+    pub struct Pooled {
+        #[serde(default)]
+        pub etcd_endpoints: Vec<String>,
+        pub etcd_prefix: Option<String>,
+        #[serde(default, with = "humantime_serde")]
+        pub lease_ttl: Option<Duration>,
+        #[serde(default)]
+        pub peers: Vec<String>,
+        pub quorum: Option<usize>,
+        #[serde(default, with = "humantime_serde")]
+        pub interval: Option<Duration>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Centralized {
         /// "etcd" or "peer".
         pub election: String,
@@ -849,13 +894,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
     if max_clients == 0 {
         problems.push("proxy.max_clients: must be greater than zero".into());
     }
-    if p.mode == Mode::Pooled {
-        problems.push(
-            "proxy.mode: \"pooled\" is not available yet in this version; use \"colocated\" \
-             or \"centralized\""
-                .into(),
-        );
-    }
+    let pooled = validate_pooled(&mut problems, p.mode, p.name.as_deref(), &raw.pooled);
     let centralized =
         validate_centralized(&mut problems, p.mode, p.name.as_deref(), &raw.centralized);
 
@@ -1126,6 +1165,119 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         },
         commands,
         centralized,
+        pooled,
+    })
+}
+
+/// This proxy's name among its peers: `proxy.name`, else the host name and process id.
+fn proxy_name(problems: &mut Vec<String>, name: Option<&str>) -> String {
+    match name {
+        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_graphic()) => n.to_string(),
+        Some(n) => {
+            problems.push(format!(
+                "proxy.name: \"{n}\" must be printable ASCII without spaces"
+            ));
+            String::new()
+        }
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        }
+    }
+}
+
+fn check_url(problems: &mut Vec<String>, key: &str, u: &str) {
+    if !(u.starts_with("http://") || u.starts_with("https://")) {
+        problems.push(format!(
+            "{key}: \"{u}\" is not a URL (for example \"http://127.0.0.1:2379\")"
+        ));
+    }
+}
+
+/// The URLs of list `key`, checked, without a trailing `/`.
+fn check_urls(problems: &mut Vec<String>, key: &str, urls: &[String]) -> Vec<String> {
+    for (i, u) in urls.iter().enumerate() {
+        check_url(problems, &format!("{key}[{i}]"), u);
+    }
+    urls.iter()
+        .map(|u| u.trim_end_matches('/').to_string())
+        .collect()
+}
+
+/// `[pooled]`: required in pooled mode, refused otherwise; etcd or a static peer list.
+fn validate_pooled(
+    problems: &mut Vec<String>,
+    mode: Mode,
+    name: Option<&str>,
+    raw: &Option<raw::Pooled>,
+) -> Option<PooledConfig> {
+    let raw = match (mode, raw) {
+        (Mode::Pooled, Some(p)) => p,
+        (Mode::Pooled, None) => {
+            problems.push("pooled: proxy.mode = \"pooled\" needs a [pooled] table".into());
+            return None;
+        }
+        (_, Some(_)) => {
+            problems.push("pooled: only used with proxy.mode = \"pooled\"".into());
+            return None;
+        }
+        (_, None) => return None,
+    };
+    let name = proxy_name(problems, name);
+    let (views, pool_size) = match (raw.etcd_endpoints.is_empty(), raw.peers.is_empty()) {
+        (false, true) => {
+            let lease_ttl = positive(
+                problems,
+                "pooled.lease_ttl",
+                raw.lease_ttl,
+                DEFAULT_LEASE_TTL,
+            );
+            if lease_ttl < Duration::from_secs(2) {
+                problems.push(
+                    "pooled.lease_ttl: must be at least 2s (etcd counts whole seconds)".into(),
+                );
+            }
+            let endpoints = check_urls(problems, "pooled.etcd_endpoints", &raw.etcd_endpoints);
+            let prefix = raw
+                .etcd_prefix
+                .clone()
+                .unwrap_or_else(|| "/geoproxy/pool".into());
+            (
+                PoolViews::Etcd {
+                    endpoints,
+                    prefix,
+                    lease_ttl,
+                },
+                None,
+            )
+        }
+        (true, false) => {
+            let peers = check_urls(problems, "pooled.peers", &raw.peers);
+            let size = peers.len() + 1;
+            (PoolViews::Peers(peers), Some(size))
+        }
+        _ => {
+            problems.push("pooled: set either etcd_endpoints or peers".into());
+            return None;
+        }
+    };
+    // A majority of a static pool; with etcd the pool's size is not known ahead: 2 (of 3).
+    let quorum = raw.quorum.unwrap_or(pool_size.map_or(2, |n| n / 2 + 1));
+    if quorum == 0 || pool_size.is_some_and(|n| quorum > n) {
+        problems.push(format!(
+            "pooled.quorum: {quorum} must be 1 to the pool's size"
+        ));
+    }
+    Some(PooledConfig {
+        name,
+        views,
+        quorum,
+        interval: positive(
+            problems,
+            "pooled.interval",
+            raw.interval,
+            Duration::from_secs(1),
+        ),
     })
 }
 
@@ -1150,26 +1302,8 @@ fn validate_centralized(
         }
         (_, None) => return None,
     };
-    let name = match name {
-        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_graphic()) => n.to_string(),
-        Some(n) => {
-            problems.push(format!(
-                "proxy.name: \"{n}\" must be printable ASCII without spaces"
-            ));
-            String::new()
-        }
-        None => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            format!("{}-{}", host.trim(), std::process::id())
-        }
-    };
-    let url = |problems: &mut Vec<String>, key: &str, u: &str| {
-        if !(u.starts_with("http://") || u.starts_with("https://")) {
-            problems.push(format!(
-                "{key}: \"{u}\" is not a URL (for example \"http://127.0.0.1:2379\")"
-            ));
-        }
-    };
+    let name = proxy_name(problems, name);
+    let url = check_url;
     let election = match raw.election.as_str() {
         "etcd" => {
             if raw.etcd_endpoints.is_empty() {
@@ -1963,6 +2097,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn pooled_keys_name_their_problems_and_default_the_quorum() {
+        let with = |table: &str| {
+            MINIMAL
+                .replacen("mode = \"colocated\"", "mode = \"pooled\"", 1)
+                .replacen("[admin]", &format!("[pooled]\n{table}\n[admin]"), 1)
+        };
+        let cases = [
+            (
+                "interval = \"1s\"",
+                "pooled: set either etcd_endpoints or peers",
+            ),
+            (
+                "peers = [\"h:9380\"]",
+                "pooled.peers[0]: \"h:9380\" is not a URL",
+            ),
+            (
+                "peers = [\"http://h:9380\"]\nquorum = 3",
+                "pooled.quorum: 3 must be 1 to the pool's size",
+            ),
+        ];
+        for (table, want) in cases {
+            let p = problems(&with(table));
+            assert!(p.iter().any(|p| p.starts_with(want)), "{want}: got {p:?}");
+        }
+        let two_peers = with("peers = [\"http://b:9380\", \"http://c:9380/\"]");
+        let c = Config::from_toml(&two_peers).unwrap().pooled.unwrap();
+        assert_eq!(c.quorum, 2);
+        let etcd = with("etcd_endpoints = [\"http://e:2379\"]");
+        assert_eq!(Config::from_toml(&etcd).unwrap().pooled.unwrap().quorum, 2);
+        let p = problems(&MINIMAL.replacen("[admin]", "[pooled]\npeers = []\n[admin]", 1));
+        assert!(
+            p.iter()
+                .any(|p| p == "pooled: only used with proxy.mode = \"pooled\""),
+            "{p:?}"
+        );
     }
 
     /// Every example in `config/` is valid, but for the files and variables it names that

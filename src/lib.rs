@@ -57,6 +57,7 @@ use crate::listener::{Listener, Socket};
 use crate::member::Members;
 use crate::metrics::Metrics;
 use crate::modes::centralized::{ElectionTask, Fence};
+use crate::modes::pooled::{PoolTask, PoolView};
 use crate::router::{GateCell, History, Leadership, Route, Router, RouterTask};
 use crate::session::policy::{login, Rules};
 use crate::session::Context;
@@ -198,10 +199,21 @@ impl Server {
             leadership: leadership_tx,
             metrics: metrics.clone(),
         });
+        let pool_view = config
+            .pooled
+            .as_ref()
+            .map(|_| Arc::new(PoolView::default()));
+        let pool = config.pooled.clone().map(|c| PoolTask {
+            config: c,
+            members: members.clone(),
+            view: pool_view.clone().unwrap_or_default(),
+            metrics: metrics.clone(),
+        });
         let strict = (config.failover.switch == SwitchMode::Strict)
             .then_some(config.failover.strict_timeout);
         let control = Control {
             election,
+            pool,
             members: members.clone(),
             health: config.health.clone(),
             metrics: metrics.clone(),
@@ -216,6 +228,7 @@ impl Server {
                 gate: gate.clone(),
                 leadership: config.centralized.is_some().then_some(leadership_rx),
                 strict,
+                pool: pool_view.clone(),
             },
             admin,
             admin_state: Arc::new(AdminState {
@@ -232,6 +245,7 @@ impl Server {
                 history,
                 gate,
                 matrix,
+                pool: pool_view,
             }),
         };
         let stop_control = CancellationToken::new();
@@ -387,6 +401,8 @@ impl Server {
 struct Control {
     /// Centralized mode: the election of the proxy that serves.
     election: Option<ElectionTask>,
+    /// Pooled mode: the exchange of the members' views.
+    pool: Option<PoolTask>,
     members: Arc<Members>,
     health: HealthConfig,
     metrics: Metrics,
@@ -401,6 +417,7 @@ impl Control {
     fn start(self, stop: CancellationToken) -> io::Result<std::thread::JoinHandle<()>> {
         let Control {
             election,
+            pool,
             members,
             health,
             metrics,
@@ -430,6 +447,9 @@ impl Control {
                     tasks.spawn(router.run(stop.clone()));
                     if let Some(election) = election {
                         tasks.spawn(election.run(stop.clone()));
+                    }
+                    if let Some(pool) = pool {
+                        tasks.spawn(pool.run(stop.clone()));
                     }
                     match TcpListener::from_std(admin) {
                         Ok(admin) => {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub client_bytes_out: IntCounter,
     leader: IntGauge,
     peer_reachable: IntGaugeVec,
+    pool_quorum: IntGauge,
+    pool_proxies: IntGauge,
 }
 
 macro_rules! register {
@@ -346,6 +348,21 @@ impl Metrics {
                     &["peer"]
                 )
             ),
+            pool_quorum: register!(
+                r,
+                IntGauge::new(
+                    "geoproxy_pool_quorum",
+                    "Pooled mode: 1 while this proxy sees a quorum of live proxies (it decides on \
+                     the pool's view), 0 while it decides on its own."
+                )
+            ),
+            pool_proxies: register!(
+                r,
+                IntGauge::new(
+                    "geoproxy_pool_proxies",
+                    "Pooled mode: live proxies of the pool this proxy sees, itself included."
+                )
+            ),
             client_bytes_in: register!(
                 r,
                 IntCounter::new(
@@ -461,6 +478,11 @@ impl Metrics {
 
     pub fn leader(&self, serving: bool) {
         self.leader.set(serving.into());
+    }
+
+    pub fn pool(&self, quorum: bool, proxies: usize) {
+        self.pool_quorum.set(quorum.into());
+        self.pool_proxies.set(proxies as i64);
     }
 
     pub fn peer_reachable(&self, peer: &str, reachable: bool) {

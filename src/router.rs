@@ -39,6 +39,7 @@ use crate::health::verdict::Kind;
 use crate::health::{Cause, State};
 use crate::member::{MemberIdx, Members};
 use crate::metrics::Metrics;
+use crate::modes::pooled::PoolView;
 
 /// The published decision: where new commands of every session go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -492,6 +493,9 @@ pub struct RouterTask {
     /// The strict switch (centralized mode, or `failover.switch = "strict"`): how long a
     /// switch waits for sessions to leave the old member before it evicts them.
     pub strict: Option<Duration>,
+    /// Pooled mode: the pool's judgement of the members replaces this proxy's own while the
+    /// pool has a quorum.
+    pub pool: Option<Arc<PoolView>>,
 }
 
 /// What the election tells the router.
@@ -621,11 +625,14 @@ impl RouterTask {
         self.members
             .list
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let s = m.status();
+                let pool = self.pool.as_ref().and_then(|p| p.state(i));
+                let (state, since) = pool.unwrap_or((s.state, s.since));
                 MemberView {
-                    state: s.state,
-                    since: s.since,
+                    state,
+                    since,
                     cause: s.cause,
                     synced: s.synced,
                 }

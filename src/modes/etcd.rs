@@ -156,6 +156,32 @@ impl Etcd {
         Ok(reply["succeeded"].as_bool() == Some(true))
     }
 
+    /// Puts `value` at `key` under `lease`.
+    pub async fn put(&self, key: &str, value: &str, lease: &str) -> Result<(), EtcdError> {
+        let body = json!({ "key": b64(key), "value": b64(value), "lease": lease });
+        self.call("/v3/kv/put", body).await.map(|_| ())
+    }
+
+    /// Every value under `prefix`, with its key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, String)>, EtcdError> {
+        // The range end is the prefix with its last byte plus one (etcd's prefix idiom).
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = json!({ "key": b64(prefix), "range_end": BASE64.encode(&end) });
+        let reply = self.call("/v3/kv/range", body).await?;
+        let kvs = reply["kvs"].as_array().cloned().unwrap_or_default();
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let key = unb64(kv["key"].as_str()?)?;
+                let value = kv["value"].as_str().and_then(unb64).unwrap_or_default();
+                Some((key, value))
+            })
+            .collect())
+    }
+
     /// The value at `key`, if any.
     pub async fn get(&self, key: &str) -> Result<Option<String>, EtcdError> {
         let reply = self

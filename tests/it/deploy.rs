@@ -1,7 +1,7 @@
 //! The operator's files in `deploy/` (README "Deployment"), held to what geoproxy really
 //! accepts and exports: every YAML document under `deploy/` parses; each Kubernetes
 //! ConfigMap's `geoproxy.toml` loads with geoproxy's own loader, but for what the cluster
-//! supplies (passwords from a Secret) and the modes still being built; the manifests keep
+//! supplies (passwords from a Secret); the manifests keep
 //! their promises (a native sidecar on loopback and one thread, restricted Pod Security,
 //! probes on the admin port, Services of ready pods); and every `geoproxy_*` metric that the
 //! Prometheus rules and the Grafana dashboard use is one geoproxy exports. No cluster, no
@@ -199,8 +199,7 @@ struct Deployed {
     mode: String,
     /// Environment variables the kubelet sets from a Secret in the geoproxy container.
     from_secrets: BTreeSet<String>,
-    /// The configuration as geoproxy reads it once the Secret's passwords are set (and, for
-    /// a mode still being built, as a colocated proxy would read the same file).
+    /// The configuration as geoproxy reads it once the Secret's passwords are set.
     config: Config,
 }
 
@@ -294,7 +293,7 @@ fn deployed() -> Vec<Deployed> {
                 panic!("{file}: {map} declares proxy.mode {} times", modes.len());
             };
             let mode = mode.clone();
-            let config = load(&file, &toml, &mode, &from_secrets);
+            let config = load(&file, &toml, &from_secrets);
             found.push(Deployed {
                 file: file.clone(),
                 workload: workload.clone(),
@@ -308,44 +307,20 @@ fn deployed() -> Vec<Deployed> {
     found
 }
 
-/// Whether `problem` is one that a file declaring `mode` may have today: the mode is not
-/// available yet, or its own table (keys that do not exist yet) is missing.
-fn mode_problem(problem: &str, mode: &str) -> bool {
-    mode != "colocated"
-        && (problem.starts_with("proxy.mode:")
-            || problem.starts_with(&format!("{mode}:"))
-            || problem.starts_with(&format!("{mode}.")))
-}
-
 /// Loads a ConfigMap's configuration: as written, only passwords the Secret supplies (unset
-/// in this test) and the mode's own problems may be wrong; with those passwords set, it is
-/// valid (read as "colocated" if its mode is not available yet).
-fn load(file: &str, toml: &str, mode: &str, from_secrets: &BTreeSet<String>) -> Config {
+/// in this test) may be missing; with those passwords set, it is valid as it stands.
+fn load(file: &str, toml: &str, from_secrets: &BTreeSet<String>) -> Config {
     if let Err(e) = Config::from_toml(toml) {
         let supplied = |p: &str| {
             from_secrets
                 .iter()
                 .any(|v| p.ends_with(&format!("${v} is not set")))
         };
-        let unexpected: Vec<_> = e
-            .problems
-            .iter()
-            .filter(|p| !supplied(p) && !mode_problem(p, mode))
-            .collect();
+        let unexpected: Vec<_> = e.problems.iter().filter(|p| !supplied(p)).collect();
         assert!(unexpected.is_empty(), "{file}: {unexpected:#?}");
     }
     let with_secrets = toml_replace(toml, "password_env", "password = \"from-the-secret\"");
-    match Config::from_toml(&with_secrets) {
-        Ok(config) => config,
-        Err(e) => {
-            assert!(
-                e.problems.iter().all(|p| mode_problem(p, mode)),
-                "{file}: {e}"
-            );
-            let colocated = toml_replace(&with_secrets, "mode", "mode = \"colocated\"");
-            Config::from_toml(&colocated).unwrap_or_else(|e| panic!("{file}: {e}"))
-        }
-    }
+    Config::from_toml(&with_secrets).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 #[test]

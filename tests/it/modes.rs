@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::support::cluster::{EtcdServer, ProxyProcess};
-use crate::support::eventually;
 use crate::support::proxy::{two, Options, Proxy};
 use crate::support::redis_server::RedisServer;
 use crate::support::relay::{Fault, FaultRelay};
+use crate::support::{eventually, free_port};
 
 /// The lease TTL of these tests: fencing at 2/3 of it, takeover after it.
 const TTL: Duration = Duration::from_secs(2);
@@ -403,4 +403,174 @@ async fn the_strict_switch_never_has_commands_in_flight_to_two_members() {
         acknowledged as usize,
         plain(&east_times) + plain(&west_times)
     );
+}
+
+fn pooled(name: &str, etcd: &str, members: &[(&str, String)]) -> String {
+    let mut t = format!(
+        r#"
+[proxy]
+listen = "{{listen}}"
+mode = "pooled"
+name = "{name}"
+threads = 1
+[admin]
+listen = "{{admin}}"
+[health]
+interval = "100ms"
+timeout = "300ms"
+[failover]
+failback_after = "1s"
+[pooled]
+etcd_endpoints = ["http://{etcd}"]
+etcd_prefix = "/t/pool"
+lease_ttl = "2s"
+quorum = 2
+interval = "200ms"
+"#
+    );
+    for (id, addr) in members {
+        t.push_str(&format!(
+            "[[members]]\nid = \"{id}\"\naddress = \"{addr}\"\nregion = \"{id}\"\n"
+        ));
+    }
+    t
+}
+
+/// The active member of each proxy (`None` where it does not answer).
+async fn actives(proxies: &[&ProxyProcess]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for p in proxies {
+        let status = p.status().await;
+        out.push(status.and_then(|s| s["active_member"].as_str().map(str::to_string)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_keeps_a_member_one_proxy_sees_down_and_leaves_it_when_a_quorum_does() {
+    let etcd = EtcdServer::start().await;
+    let (east, west) = (RedisServer::start(), RedisServer::start());
+    // b and c reach us-east through relays, to fail it for them alone.
+    let (relay_b, relay_c) = (
+        FaultRelay::start(&east.addr()).await,
+        FaultRelay::start(&east.addr()).await,
+    );
+    let a = ProxyProcess::start(&pooled("a", &etcd.addr(), &two(&east, &west)));
+    let b = ProxyProcess::start(&pooled(
+        "b",
+        &etcd.addr(),
+        &[("us-east", relay_b.addr()), ("eu-west", west.addr())],
+    ));
+    let c = ProxyProcess::start(&pooled(
+        "c",
+        &etcd.addr(),
+        &[("us-east", relay_c.addr()), ("eu-west", west.addr())],
+    ));
+    let pool = [&a, &b, &c];
+    let east_everywhere = vec![Some("us-east".to_string()); 3];
+    eventually(
+        Duration::from_secs(10),
+        "a pool of three on us-east",
+        || async {
+            let mut whole = true;
+            for p in pool {
+                let s = p.status().await;
+                whole &=
+                    s.is_some_and(|s| s["pool"]["proxies"] == 3 && s["pool"]["quorum"] == true);
+            }
+            whole && actives(&pool).await == east_everywhere
+        },
+    )
+    .await;
+
+    // c alone loses us-east: its own checks say down, the pool keeps it.
+    relay_c.set(Fault::BlackHole);
+    eventually(Duration::from_secs(5), "c sees us-east down", || async {
+        c.status()
+            .await
+            .is_some_and(|s| s["members"][0]["state"] == "down")
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(actives(&pool).await, east_everywhere, "{}", c.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let votes = c.status().await.unwrap()["pool"]["down_votes"]["us-east"].clone();
+    assert_eq!(votes, 1);
+
+    // b loses it too: a quorum sees it down, and the whole pool leaves it, a included.
+    relay_b.set(Fault::BlackHole);
+    let west_everywhere = vec![Some("eu-west".to_string()); 3];
+    eventually(Duration::from_secs(5), "the pool on eu-west", || async {
+        actives(&pool).await == west_everywhere
+    })
+    .await;
+    assert_eq!(a.status().await.unwrap()["members"][0]["state"], "up");
+    eventually(Duration::from_secs(5), "a serves on eu-west", || async {
+        a.set("k", "pool").await.as_deref() == Some("+OK")
+    })
+    .await;
+    assert_eq!(
+        west.query(&["GET", "k"]),
+        redis::Value::BulkString(b"pool".to_vec())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_static_peers_shares_views_through_their_admin_apis() {
+    let (east, west) = (RedisServer::start(), RedisServer::start());
+    let relay_c = FaultRelay::start(&east.addr()).await;
+    let admins = [free_port(), free_port(), free_port()];
+    let config = |me: usize, east_addr: String| {
+        let peers: Vec<String> = (0..3)
+            .filter(|&i| i != me)
+            .map(|i| format!("\"http://127.0.0.1:{}\"", admins[i]))
+            .collect();
+        pooled(
+            &format!("p{me}"),
+            "unused",
+            &[("us-east", east_addr), ("eu-west", west.addr())],
+        )
+        .replace(
+            "etcd_endpoints = [\"http://unused\"]\netcd_prefix = \"/t/pool\"\nlease_ttl = \"2s\"\n",
+            &format!("peers = [{}]\n", peers.join(", ")),
+        )
+    };
+    let a = ProxyProcess::start_with_admin(&config(0, east.addr()), admins[0]);
+    let b = ProxyProcess::start_with_admin(&config(1, east.addr()), admins[1]);
+    let c = ProxyProcess::start_with_admin(&config(2, relay_c.addr()), admins[2]);
+    let pool = [&a, &b, &c];
+    eventually(Duration::from_secs(10), "a pool of three", || async {
+        c.status().await.is_some_and(|s| s["pool"]["proxies"] == 3)
+            && actives(&pool).await == vec![Some("us-east".to_string()); 3]
+    })
+    .await;
+    relay_c.set(Fault::BlackHole);
+    eventually(Duration::from_secs(5), "c sees us-east down", || async {
+        c.status()
+            .await
+            .is_some_and(|s| s["members"][0]["state"] == "down")
+    })
+    .await;
+    // c's own view is outvoted: it stays on us-east with the pool.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            c.status().await.unwrap()["active_member"],
+            "us-east",
+            "{}",
+            c.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a and b go: c alone is below the quorum and decides on its own view.
+    drop(a);
+    drop(b);
+    eventually(Duration::from_secs(10), "c on its own view", || async {
+        c.status()
+            .await
+            .is_some_and(|s| s["pool"]["quorum"] == false && s["active_member"] == "eu-west")
+    })
+    .await;
 }

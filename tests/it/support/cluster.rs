@@ -83,7 +83,12 @@ impl ProxyProcess {
     /// Starts the binary with `config`, in which `{listen}` and `{admin}` stand for the
     /// ports chosen here.
     pub fn start(config: &str) -> ProxyProcess {
-        let (port, admin) = (free_port(), free_port());
+        ProxyProcess::start_with_admin(config, free_port())
+    }
+
+    /// As [`ProxyProcess::start`], with the admin API on `admin` (known to its peers).
+    pub fn start_with_admin(config: &str, admin: u16) -> ProxyProcess {
+        let port = free_port();
         let text = config
             .replace("{listen}", &format!("127.0.0.1:{port}"))
             .replace("{admin}", &format!("127.0.0.1:{admin}"));
