@@ -247,8 +247,8 @@ impl ElectionTask {
                 (true, true) => primary,
                 (true, false) => true,
                 // A primary starts serving unless its peer already does (an old active
-                // that returns stays standby).
-                (false, false) if first && primary && role.is_some() => true,
+                // that returns stays standby); a peer not up yet does not hold it back.
+                (false, false) if first && primary => true,
                 (false, false) if primary && role.as_deref() == Some("standby") => true,
                 (false, false) => failures >= down_after,
                 (false, true) => false,

@@ -574,3 +574,44 @@ async fn a_pool_of_static_peers_shares_views_through_their_admin_apis() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_the_standby_polls_its_peer_and_takes_over() {
+    let (east, west) = (RedisServer::start(), RedisServer::start());
+    let admins = [free_port(), free_port()];
+    let config = |me: usize, primary: bool| {
+        let base = centralized(&format!("p{me}"), "unused", "/t/peer", &two(&east, &west));
+        let election = format!(
+            "election = \"peer\"\npeer = \"http://127.0.0.1:{}\"\nprimary = {primary}\n\
+             peer_interval = \"200ms\"\npeer_down_after = 3\n",
+            admins[1 - me]
+        );
+        let start = base.find("election = \"etcd\"").unwrap();
+        let end = base.find("[[members]]").unwrap();
+        format!("{}{election}{}", &base[..start], &base[end..])
+    };
+    let mut a = ProxyProcess::start_with_admin(&config(0, true), admins[0]);
+    let b = ProxyProcess::start_with_admin(&config(1, false), admins[1]);
+    assert_eq!(one_active(&[&a, &b]).await, 0, "{}", a.log());
+    eventually(Duration::from_secs(5), "a serves", || async {
+        a.set("k", "a").await.as_deref() == Some("+OK")
+    })
+    .await;
+    assert_eq!(b.set("k", "b").await.as_deref(), Some(STANDBY_REPLY));
+    a.kill();
+    eventually(Duration::from_secs(5), "b takes over", || async {
+        b.set("k", "b").await.as_deref() == Some("+OK")
+    })
+    .await;
+    // The primary returns: its peer serves, so it stays a standby.
+    a.restart();
+    eventually(Duration::from_secs(10), "a answers", || async {
+        a.role().await.is_some()
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(single_active(&[&a, &b]).await, Some(1), "{}", a.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
