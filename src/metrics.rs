@@ -47,6 +47,7 @@ pub struct Metrics {
     peer_reachable: IntGaugeVec,
     pool_quorum: IntGauge,
     pool_proxies: IntGauge,
+    command_duration: HistogramVec,
 }
 
 macro_rules! register {
@@ -348,6 +349,21 @@ impl Metrics {
                     &["peer"]
                 )
             ),
+            command_duration: register!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "geoproxy_command_duration_seconds",
+                        "Time from a command's write to its member until its reply was complete, \
+                         by member (blocking commands included, as long as they block)."
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5, 10.0
+                    ]),
+                    &["member"]
+                )
+            ),
             pool_quorum: register!(
                 r,
                 IntGauge::new(
@@ -463,6 +479,11 @@ impl Metrics {
                 .with_label_values(&[member, r])
                 .set(held.into());
         }
+    }
+
+    /// The command duration histogram of one member, resolved once per upstream.
+    pub fn command_duration(&self, member: &str) -> Histogram {
+        self.command_duration.with_label_values(&[member])
     }
 
     /// The command counter of one member, resolved once per upstream (not per command).

@@ -50,7 +50,7 @@ use crate::upstream::Upstream;
 use ledger::{needs_args, Command, Frame, Ledger};
 use moving::AwaitingVerdict;
 use policy::{Rules, Screen, Standing};
-use timers::{block_deadline, Backoff, Timer};
+use timers::{block_deadline, Backoff, Durations, Timer};
 use transaction::Broken;
 
 /// Spare room kept in the reply buffer before each read: large reads keep big values fast.
@@ -97,8 +97,8 @@ pub struct Context {
 enum Local {
     /// By the transaction and availability rules (a lost transaction, QUIT, no member).
     Kind(Kind),
-    /// These bytes (the command policy, proxy authentication).
-    Reply(Vec<u8>),
+    /// These bytes (the command policy, proxy authentication), counted once written.
+    Reply(Vec<u8>, Option<policy::Counted>),
     /// `RESET` with proxy authentication: `+RESET`, and the session starts over.
     Reset,
 }
@@ -192,6 +192,11 @@ pub struct Session {
     timer: Timer,
     /// Proxy authentication and MULTI, as the command policy needs them.
     standing: Standing,
+    /// The command at the front of `requests` was rewritten by the policy and not sent yet:
+    /// it must not be screened again (a renamed command's own name would be refused).
+    front_screened: bool,
+    /// When the commands still owed a reply went out.
+    durations: Durations,
 }
 
 impl Session {
@@ -231,6 +236,8 @@ impl Session {
             blocked_forever: false,
             timer: Timer::new(now),
             standing: Standing::default(),
+            front_screened: false,
+            durations: Durations::default(),
         }
     }
 
@@ -385,8 +392,9 @@ impl Session {
             let mut local: Option<(usize, Local)> = None;
             let mut incomplete = false;
             // The command at `end` was rewritten by the policy: it is not screened again.
-            let mut screened = false;
-            let was_idle = self.ledger.in_flight() == 0;
+            let mut screened = std::mem::take(&mut self.front_screened);
+            let owed_before = self.ledger.in_flight();
+            let was_idle = owed_before == 0;
             // A strict switch, or a fence that closed, holds new commands.
             let held = self.route_seen.paused || self.ctx.fence.as_ref().is_some_and(|f| !f.open());
             while self.protocol_error.is_none() && !self.ledger.quitting() {
@@ -437,22 +445,18 @@ impl Session {
                     self.requests.extend_from_slice(&rest);
                     continue;
                 }
-                if !std::mem::take(&mut screened) && !self.ctx.rules.is_empty() {
+                let rewritten = std::mem::take(&mut screened);
+                if !rewritten && !self.ctx.rules.is_empty() {
                     let args = request::args(bytes, false);
                     self.standing.in_multi = self.ledger.in_transaction().0;
                     let (screen, counted) = self.ctx.rules.screen(&args, &mut self.standing);
-                    match counted {
-                        Some(policy::Counted::Denied(name)) => self.ctx.metrics.denied(&name),
-                        Some(policy::Counted::WrongPassword) => {
-                            self.ctx.metrics.auth_failures.inc()
-                        }
-                        None => {}
-                    }
                     let answer = match screen {
                         Screen::Pass => None,
-                        Screen::Answer(reply) => Some(Local::Reply(reply)),
+                        Screen::Answer(reply) => Some(Local::Reply(reply, counted)),
                         Screen::Reset => Some(Local::Reset),
                         Screen::Rewrite(args) => {
+                            // Counted now: the rewritten command is not screened again.
+                            self.count(counted);
                             let mut encoded = Vec::new();
                             request::encode_command(&args, &mut encoded);
                             let rest = self.requests.split_off(end + frame.len);
@@ -474,7 +478,9 @@ impl Session {
                 let name = &bytes[frame.name.clone()];
                 let kind = self.kind_of(name);
                 if self.upstream.is_none() || self.answers_locally(kind) || held {
-                    // This command cannot join the batch: send the batch first.
+                    // This command cannot join the batch: send the batch first. It will be
+                    // at the front next time, screened already if it was rewritten.
+                    self.front_screened = rewritten;
                     if end == 0 {
                         local = Some((frame.len, Local::Kind(kind)));
                     }
@@ -488,6 +494,8 @@ impl Session {
                 sent += 1;
             }
             if sent > 0 || end > 0 {
+                let owed = self.ledger.in_flight().saturating_sub(owed_before);
+                self.durations.sent(owed, Instant::now());
                 self.send(end, sent, was_idle).await?;
             }
             if incomplete && end == 0 {
@@ -495,7 +503,12 @@ impl Session {
             }
             let waits_for_local = local.is_some();
             let progressed = match local {
-                Some((len, local)) => self.answer_locally(len, local).await?,
+                Some((len, local)) => {
+                    let answered = self.answer_locally(len, local).await?;
+                    // The front command is gone: the next one is screened as usual.
+                    self.front_screened &= !answered;
+                    answered
+                }
                 None => end > 0,
             };
             if !progressed {
@@ -585,7 +598,10 @@ impl Session {
                 if needs_args(kind) || kind != Kind::Plain || self.answers_locally(kind) {
                     return Ok(()); // held whole, up to the query buffer limit
                 }
+                let owed_before = self.ledger.in_flight();
                 self.record(kind, &[], None);
+                let owed = self.ledger.in_flight().saturating_sub(owed_before);
+                self.durations.sent(owed, Instant::now());
                 self.streaming = Streaming::Sending;
             }
         }
@@ -641,8 +657,9 @@ impl Session {
         }
         let kind = match local {
             Local::Kind(kind) => kind,
-            Local::Reply(reply) => {
+            Local::Reply(reply, counted) => {
                 self.requests.advance(len);
+                self.count(counted);
                 self.write_client(&reply).await?;
                 return Ok(true);
             }
@@ -689,6 +706,15 @@ impl Session {
         Ok(true)
     }
 
+    /// Counts what the policy refused.
+    fn count(&self, counted: Option<policy::Counted>) {
+        match counted {
+            Some(policy::Counted::Denied(name)) => self.ctx.metrics.denied(&name),
+            Some(policy::Counted::WrongPassword) => self.ctx.metrics.auth_failures.inc(),
+            None => {}
+        }
+    }
+
     /// Does the proxy answer this command itself (a transaction the member lost)?
     fn answers_locally(&self, kind: Kind) -> bool {
         self.broken.as_ref().is_some_and(|b| b.answers(kind))
@@ -696,6 +722,7 @@ impl Session {
 
     /// Streams the member's bytes to the client, telling the ledger of each complete frame.
     async fn forward_replies(&mut self) -> Result<(), SessionError> {
+        let owed_before = self.ledger.in_flight();
         let consumed = if self.ledger.raw() {
             self.replies.len()
         } else {
@@ -730,6 +757,10 @@ impl Session {
                 consumed
             }
         };
+        let done = owed_before.saturating_sub(self.ledger.in_flight());
+        if done > 0 {
+            self.durations.answered(done, Instant::now());
+        }
         if self.ledger.in_flight() == 0 {
             self.blocked_until = None;
             self.blocked_forever = false;

@@ -148,6 +148,8 @@ impl Session {
                 self.backoff.succeeded();
                 self.last_member = Some(target);
                 self.commands = Some(self.ctx.metrics.commands(member.id()));
+                self.durations
+                    .attach(&self.ctx.metrics.command_duration(member.id()));
                 self.replies = std::mem::take(&mut new.early);
                 self.replies_waiting = !self.replies.is_empty();
                 self.reply_scanner = ReplyScanner::default();
@@ -183,6 +185,7 @@ impl Session {
     pub(super) fn detach(&mut self) {
         self.upstream = None;
         self.commands = None;
+        self.durations.detach();
         self.detached_since.get_or_insert_with(Instant::now);
     }
 
@@ -209,6 +212,7 @@ impl Session {
         let member = self.ctx.members.get(lost.member);
         let id = member.id().to_string();
         self.commands = None;
+        self.durations.detach();
         if self.streaming == Streaming::Sending {
             self.streaming = Streaming::Dropping; // its tail never reaches a member
         }

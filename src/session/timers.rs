@@ -12,8 +12,12 @@
 //! One `Sleep` is re-armed only when it would fire too late: an early firing just re-arms
 //! it, which keeps timer updates off the per-command path.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
+
+use prometheus::local::LocalHistogram;
+use prometheus::Histogram;
 
 use tokio::time::{sleep_until, Instant, Sleep};
 
@@ -190,5 +194,87 @@ mod tests {
         let now = Instant::now();
         assert_eq!(block_deadline(now, Some(Duration::MAX)), None);
         assert!(block_deadline(now, Some(Duration::from_secs(1))).is_some());
+    }
+}
+
+/// When each batch of commands went to the member, to time their replies
+/// (`geoproxy_command_duration_seconds`): observed locally, flushed once per read.
+#[derive(Default)]
+pub struct Durations {
+    /// (when, commands of the batch still owed a reply), oldest first.
+    sent: VecDeque<(Instant, usize)>,
+    histogram: Option<LocalHistogram>,
+}
+
+impl Durations {
+    /// A new upstream: time against its member's histogram.
+    pub fn attach(&mut self, histogram: &Histogram) {
+        self.detach();
+        self.histogram = Some(histogram.local());
+    }
+
+    /// No upstream: what is owed will not be answered by a member.
+    pub fn detach(&mut self) {
+        if let Some(h) = &self.histogram {
+            h.flush();
+        }
+        self.sent.clear();
+        self.histogram = None;
+    }
+
+    /// `owed` more replies are owed for commands written at `now`.
+    pub fn sent(&mut self, owed: usize, now: Instant) {
+        if owed > 0 && self.histogram.is_some() {
+            self.sent.push_back((now, owed));
+        }
+    }
+
+    /// `done` commands, the oldest owed, got their replies by `now`.
+    pub fn answered(&mut self, mut done: usize, now: Instant) {
+        let Some(h) = &self.histogram else {
+            return;
+        };
+        while done > 0 {
+            let Some((at, owed)) = self.sent.front_mut() else {
+                break;
+            };
+            let took = now.saturating_duration_since(*at).as_secs_f64();
+            let n = done.min(*owed);
+            for _ in 0..n {
+                h.observe(took);
+            }
+            *owed -= n;
+            done -= n;
+            if *owed == 0 {
+                self.sent.pop_front();
+            }
+        }
+        h.flush();
+    }
+}
+
+#[cfg(test)]
+mod durations_tests {
+    use super::*;
+
+    #[test]
+    fn each_command_is_timed_from_its_batch_to_its_reply() {
+        let h = Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+        let mut d = Durations::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        d.sent(1, t0); // not attached: nothing is timed
+        d.attach(&h);
+        d.sent(2, t0);
+        d.sent(1, t0 + ms(10));
+        d.answered(2, t0 + ms(5));
+        d.answered(1, t0 + ms(30));
+        assert_eq!(h.get_sample_count(), 3);
+        assert!((h.get_sample_sum() - (0.005 + 0.005 + 0.020)).abs() < 1e-9);
+        // A member lost: what was owed is forgotten, not timed.
+        d.sent(4, t0);
+        d.detach();
+        d.answered(4, t0 + ms(50));
+        assert_eq!(h.get_sample_count(), 3);
     }
 }

@@ -297,7 +297,8 @@ async fn proxy_auth_answers_as_redis_and_opens_no_member_connection_before_it() 
         String::from_utf8_lossy(&hello)
     );
     raw.roundtrip(b"CLIENT GETNAME\r\n", b"$3\r\napp\r\n").await;
-    assert!(proxy.metric("geoproxy_auth_failures_total").await >= 6.0);
+    // Four wrong passwords, each counted once.
+    assert_eq!(proxy.metric("geoproxy_auth_failures_total").await, 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,8 +356,14 @@ async fn denied_and_renamed_commands_answer_as_the_policy_says() {
         member.query(&["GET", "keep"]),
         redis::Value::BulkString(b"me".to_vec())
     );
+    // Behind a command still owed a reply, a denied one is counted once, not per look.
+    raw.roundtrip(
+        b"SET p 1\r\nFLUSHALL\r\n",
+        b"+OK\r\n-ERR geoproxy: command 'flushall' is denied by this proxy's [commands] deny list\r\n",
+    )
+    .await;
     let denied = |c: &str| format!("geoproxy_denied_commands_total{{command=\"{c}\"}}");
-    assert_eq!(proxy.metric(&denied("flushall")).await, 1.0);
+    assert_eq!(proxy.metric(&denied("flushall")).await, 2.0);
     assert_eq!(proxy.metric(&denied("keys")).await, 1.0);
     assert_eq!(proxy.metric(&denied("debug")).await, 1.0);
 }
@@ -541,4 +548,27 @@ async fn sighup_reloads_the_listener_certificate_without_dropping_sessions() {
         .await
         .unwrap();
     assert_eq!(served_cert(&c), der(&second.cert));
+}
+
+/// A renamed command that must wait (here for the member connection opened after AUTH) is
+/// not screened again under its own name, which the policy hides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_command_pipelined_behind_auth_runs() {
+    let member = RedisServer::start();
+    let proxy = Proxy::start(
+        &[("local", member.addr())],
+        Options {
+            extra_proxy: "auth = \"proxy\"\nusers = [{ name = \"default\", password = \"pw\" }]",
+            extra_file: "[commands]\nrename = { CONFIG = \"CFG\" }\n",
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(
+        b"AUTH pw\r\nCFG GET maxclients\r\nCONFIG GET maxclients\r\n",
+        b"+OK\r\n*2\r\n$10\r\nmaxclients\r\n$5\r\n10000\r\n\
+          -ERR unknown command 'CONFIG', with args beginning with: 'GET' 'maxclients' \r\n",
+    )
+    .await;
 }

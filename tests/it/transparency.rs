@@ -259,6 +259,8 @@ async fn a_unix_socket_serves_as_the_tcp_port_does_and_goes_at_shutdown() {
         29.0
     );
     assert!(proxy.metric("geoproxy_client_bytes_sent_total").await >= want.len() as f64);
+    let timed = "geoproxy_command_duration_seconds_count{member=\"local\"}";
+    assert_eq!(proxy.metric(timed).await, 3.0);
     drop(unix);
     proxy.stop().await;
     assert!(!path.exists(), "the socket file stays after shutdown");
