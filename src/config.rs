@@ -1268,16 +1268,25 @@ fn validate_pooled(
             "pooled.quorum: {quorum} must be 1 to the pool's size"
         ));
     }
+    let interval = positive(
+        problems,
+        "pooled.interval",
+        raw.interval,
+        Duration::from_secs(1),
+    );
+    if let PoolViews::Etcd { lease_ttl, .. } = &views {
+        if interval * 2 > *lease_ttl {
+            problems.push(format!(
+                "pooled.interval: {interval:?} must be at most half of pooled.lease_ttl \
+                 ({lease_ttl:?}), or the views expire between two renewals"
+            ));
+        }
+    }
     Some(PooledConfig {
         name,
         views,
         quorum,
-        interval: positive(
-            problems,
-            "pooled.interval",
-            raw.interval,
-            Duration::from_secs(1),
-        ),
+        interval,
     })
 }
 
@@ -2118,6 +2127,10 @@ mod tests {
             (
                 "peers = [\"http://h:9380\"]\nquorum = 3",
                 "pooled.quorum: 3 must be 1 to the pool's size",
+            ),
+            (
+                "etcd_endpoints = [\"http://e:2379\"]\nlease_ttl = \"2s\"\ninterval = \"1500ms\"",
+                "pooled.interval: 1.5s must be at most half of pooled.lease_ttl",
             ),
         ];
         for (table, want) in cases {

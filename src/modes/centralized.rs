@@ -119,6 +119,7 @@ impl ElectionTask {
         let name = self.config.name.clone();
         let renew_every = ttl / 3;
         let mut last_holder = String::new();
+        let mut etcd_down = false;
         loop {
             // Standby: try to take the key every third of a TTL.
             let (lease, granted_at, route) = loop {
@@ -143,10 +144,21 @@ impl ElectionTask {
                 };
                 match attempt.await {
                     Ok(Some((lease, route))) => break (lease, sent, route),
-                    Ok(None) => {}
-                    Err(e) => debug!(error = %e, "standby: cannot reach etcd"),
+                    Ok(None) => {
+                        etcd_down = false;
+                        self.metrics.peer_reachable("etcd", true);
+                    }
+                    Err(e) => {
+                        // One line when etcd goes away, not one per attempt.
+                        if !etcd_down {
+                            warn!(error = %e, "standby: cannot reach etcd; not serving until it can");
+                        } else {
+                            debug!(error = %e, "standby: cannot reach etcd");
+                        }
+                        etcd_down = true;
+                        self.metrics.peer_reachable("etcd", false);
+                    }
                 }
-                self.metrics.peer_reachable("etcd", false);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = sleep(renew_every) => {}
