@@ -9,13 +9,16 @@
 //! - [`health`]: one checker per member (periodic checks, and probes that confirm what
 //!   sessions report); health flips wake the router.
 //! - [`router`]: decides the active member and publishes the [`router::Route`].
-//! - [`admin`]: `/live /ready /metrics /v1/status`, `POST /v1/switchover`.
+//! - [`admin`]: `/live /ready /metrics /v1/status`, the operator's requests (switchover,
+//!   drain, enable).
+//! - [`modes`]: centralized (an etcd lease elects the proxy that serves) and pooled (the
+//!   proxies share their views of the members).
 //!
 //! Data path (one task per client):
-//! - [`listener`]: accepts clients (plain TCP, and TLS with `[proxy.tls]`), enforces
-//!   `max_clients`.
+//! - [`listener`]: accepts clients (plain TCP, TLS with `[proxy.tls]`, a unix socket),
+//!   enforces `max_clients`.
 //! - [`session`]: one client and its pinned [`upstream`]; forwards RESP found by [`resp`].
-//! - [`stream`] and [`tls`]: a connection either side, plain or TLS.
+//! - [`stream`] and [`tls`]: a connection either side: plain, TLS or a unix socket.
 //!
 //! Shared: [`config`] (the file contract), [`member`] (members and their health snapshot),
 //! [`metrics`].
@@ -51,7 +54,7 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::admin::AdminState;
-use crate::config::{AuthMode, HealthConfig, SwitchMode};
+use crate::config::{AuthMode, HealthConfig, MemberConfig, SwitchMode};
 use crate::health::replication::Matrix;
 use crate::listener::{Listener, Socket};
 use crate::member::Members;
@@ -155,13 +158,12 @@ impl Server {
             admin,
             metrics,
         } = self;
-        for m in config.members.iter().filter(|m| m.tls.is_some()) {
-            if m.tls.as_ref().is_some_and(|t| !t.settings.verify) {
-                warn!(
-                    member = m.id,
-                    "tls_verify = false: the member's certificate is not checked"
-                );
-            }
+        let unverified = |m: &&MemberConfig| m.tls.as_ref().is_some_and(|t| !t.settings.verify);
+        for m in config.members.iter().filter(unverified) {
+            warn!(
+                member = m.id,
+                "tls_verify = false: the member's certificate is not checked"
+            );
         }
         let acceptor = config.proxy.tls.as_ref().map(|t| t.acceptor.clone());
         tokio::spawn(on_sighup(acceptor.clone(), shutdown.clone()));
