@@ -32,7 +32,8 @@ use crate::member::Members;
 use crate::metrics::Metrics;
 use crate::modes::pooled::{Judgement, PoolView};
 use crate::router::{
-    Gate, GateCell, History, Operation, OperatorError, OperatorRequest, Route, SwitchRecord,
+    DrainedCell, Gate, GateCell, History, Operation, OperatorError, OperatorRequest, Route,
+    SwitchRecord,
 };
 
 /// What the admin handlers read.
@@ -49,8 +50,8 @@ pub struct AdminState {
     pub operations: mpsc::Sender<OperatorRequest>,
     /// An operation is being decided: another one gets 409.
     pub switching: AtomicBool,
-    /// Members drained by an operator, as the router last confirmed (for `/v1/status`).
-    pub drained: std::sync::Mutex<Vec<bool>>,
+    /// Members drained by an operator, as the router published them.
+    pub drained: Arc<DrainedCell>,
     pub history: Arc<History>,
     /// The failback gate, as the router last saw it.
     pub gate: Arc<GateCell>,
@@ -68,8 +69,7 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/switchover", post(switchover))
-        .route("/v1/members/{id}/drain", post(drain))
-        .route("/v1/members/{id}/enable", post(enable))
+        .route("/v1/members/{id}/{action}", post(member_action))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .with_state(state);
     let served = axum::serve(listener, app)
@@ -263,28 +263,22 @@ async fn switchover(State(s): State<Arc<AdminState>>, headers: HeaderMap, body: 
 
 /// `POST /v1/members/{id}/drain`: take the member out of the preference until enabled;
 /// traffic leaves it now if it is active (sessions move at their quiescent points).
-async fn drain(
-    State(s): State<Arc<AdminState>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(denied) = authorize(&s, &headers) {
-        return denied;
-    }
-    operate(&s, &id, Operation::Drain).await
-}
-
 /// `POST /v1/members/{id}/enable`: the member is back in the preference (failback rules
 /// apply from the moment traffic left it).
-async fn enable(
+async fn member_action(
     State(s): State<Arc<AdminState>>,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    let op: fn(usize) -> Operation = match action.as_str() {
+        "drain" => Operation::Drain,
+        "enable" => Operation::Enable,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    };
     if let Some(denied) = authorize(&s, &headers) {
         return denied;
     }
-    operate(&s, &id, Operation::Enable).await
+    operate(&s, &id, op).await
 }
 
 /// Asks the router to carry out an operation on member `id`; one at a time.
@@ -307,12 +301,6 @@ async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Respon
             .and_then(Result::ok),
         Err(_) => None,
     };
-    if let (Some(Ok(_)), Operation::Drain(i) | Operation::Enable(i)) = (&outcome, op) {
-        let mut drained = s.drained.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = drained.get_mut(i) {
-            *d = matches!(op, Operation::Drain(_));
-        }
-    }
     s.switching.store(false, Ordering::Release);
     let name = op.name();
     match outcome {

@@ -1464,7 +1464,8 @@ fn validate_users(problems: &mut Vec<String>, auth: AuthMode, raw: &[raw::User])
 
 /// `[commands]`: `deny` and `rename` (Redis's `rename-command`; "" disables a command).
 fn validate_commands(problems: &mut Vec<String>, raw: &raw::Commands) -> CommandPolicy {
-    let name_ok = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_graphic());
+    // At most 64 bytes: the session compares names in a buffer of that size.
+    let name_ok = |n: &str| (1..=64).contains(&n.len()) && n.chars().all(|c| c.is_ascii_graphic());
     let mut policy = CommandPolicy::default();
     for (i, name) in raw.deny.iter().enumerate() {
         if !name_ok(name) {

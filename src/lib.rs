@@ -61,7 +61,7 @@ use crate::member::Members;
 use crate::metrics::Metrics;
 use crate::modes::centralized::{ElectionTask, Fence};
 use crate::modes::pooled::{PoolTask, PoolView};
-use crate::router::{GateCell, History, Leadership, Route, Router, RouterTask};
+use crate::router::{DrainedCell, GateCell, History, Leadership, Route, Router, RouterTask};
 use crate::session::policy::{login, Rules};
 use crate::session::Context;
 use crate::tls::Acceptor;
@@ -184,6 +184,7 @@ impl Server {
         let (operations_tx, operations) = mpsc::channel(4);
         let history = Arc::new(History::default());
         let gate = Arc::new(GateCell::default());
+        let drained = Arc::new(DrainedCell::new(vec![false; members.len()]));
         let matrix = config.health.replication.as_ref().map(|r| {
             let ids = members.list.iter().map(|m| m.id().to_string()).collect();
             Arc::new(Matrix::new(ids, r.shards, r.tolerance))
@@ -228,6 +229,7 @@ impl Server {
                 operations,
                 metrics: metrics.clone(),
                 gate: gate.clone(),
+                drained: drained.clone(),
                 leadership: config.centralized.is_some().then_some(leadership_rx),
                 strict,
                 pool: pool_view.clone(),
@@ -242,7 +244,7 @@ impl Server {
                 failback: config.failover.failback,
                 token: config.admin.token.clone(),
                 operations: operations_tx,
-                drained: std::sync::Mutex::new(vec![false; members.len()]),
+                drained: drained.clone(),
                 switching: AtomicBool::new(false),
                 history,
                 gate,
@@ -273,10 +275,7 @@ impl Server {
             client_idle_timeout: config.proxy.client_idle_timeout,
             query_buffer_limit: config.proxy.client_query_buffer_limit,
             fence,
-            rules: Rules {
-                commands: config.commands.clone(),
-                users: (config.proxy.auth == AuthMode::Proxy).then(|| config.proxy.users.clone()),
-            },
+            rules: Rules::new(&config),
             logins: config
                 .members
                 .iter()

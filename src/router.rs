@@ -228,6 +228,11 @@ impl Router {
         self.drained.get(member).copied().unwrap_or(false)
     }
 
+    /// Up, and not drained: a member traffic may go to.
+    fn usable(&self, i: MemberIdx, members: &[MemberView]) -> bool {
+        members.get(i).is_some_and(|v| v.state == State::Up) && !self.drained(i)
+    }
+
     pub fn active(&self) -> Option<MemberIdx> {
         self.active
     }
@@ -248,7 +253,7 @@ impl Router {
     /// Decides the active member given the members' health (in preference order) at `now`.
     pub fn decide(&mut self, members: &[MemberView], now: Instant) -> Decision {
         // A drained member is as good as gone to every rule below.
-        let up = |i: usize| members[i].state == State::Up && !self.drained[i];
+        let up = |i: usize| self.usable(i, members);
         match self.active {
             Some(a) if up(a) => {
                 if self.failback == Failback::Manual || self.operator == Some(a) {
@@ -306,7 +311,7 @@ impl Router {
         if self.failback == Failback::Manual || self.operator == Some(a) {
             return None;
         }
-        let p = (0..a).find(|&i| members[i].state == State::Up && !self.drained[i])?;
+        let p = (0..a).find(|&i| self.usable(i, members))?;
         let until = self.settled_at(p, &members[p]);
         if until > now {
             Some((p, Gate::Hold { until }))
@@ -325,10 +330,7 @@ impl Router {
         members: &[MemberView],
         now: Instant,
     ) -> Decision {
-        let usable = |m: &MemberIdx| {
-            members.get(*m).is_some_and(|v| v.state == State::Up) && !self.drained[*m]
-        };
-        if let Some(m) = last.filter(usable) {
+        if let Some(m) = last.filter(|&m| self.usable(m, members)) {
             return self.switch_to(Some(m), Reason::Takeover, now);
         }
         self.routed = false;
@@ -357,8 +359,7 @@ impl Router {
             Operation::Switchover(to) => self.switchover(to, members, now),
             Operation::Drain(i) => {
                 members.get(i).ok_or(OperatorError::UnknownMember)?;
-                let others_up = (0..members.len())
-                    .any(|j| j != i && members[j].state == State::Up && !self.drained[j]);
+                let others_up = (0..members.len()).any(|j| j != i && self.usable(j, members));
                 if self.active == Some(i) && !others_up {
                     return Err(OperatorError::LastMember);
                 }
@@ -472,6 +473,9 @@ impl History {
 /// The failback gate as the router last saw it, for `/v1/status`.
 pub type GateCell = Mutex<Option<(MemberIdx, Gate)>>;
 
+/// Which members are drained, as the router last published it, for `/v1/status`.
+pub type DrainedCell = Mutex<Vec<bool>>;
+
 /// An operator's request to the router task, with where to send its outcome.
 pub struct OperatorRequest {
     pub op: Operation,
@@ -487,6 +491,7 @@ pub struct RouterTask {
     pub operations: mpsc::Receiver<OperatorRequest>,
     pub metrics: Metrics,
     pub gate: Arc<GateCell>,
+    pub drained: Arc<DrainedCell>,
     /// Centralized mode: whether this proxy holds the lease (and where the last holder
     /// was). `None`: this proxy always serves.
     pub leadership: Option<watch::Receiver<Leadership>>,
@@ -571,8 +576,12 @@ impl RouterTask {
                     if let (Operation::Drain(i) | Operation::Enable(i), Ok(_)) =
                         (request.op, &route)
                     {
-                        let member = self.members.get(i).id();
-                        self.metrics.member_drained(member, self.router.drained(i));
+                        let drained = self.router.drained(i);
+                        self.metrics.member_drained(self.members.get(i).id(), drained);
+                        let mut cell = self.drained.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(d) = cell.get_mut(i) {
+                            *d = drained;
+                        }
                     }
                     let _ = request.reply.send(route);
                 }

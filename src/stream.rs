@@ -38,11 +38,23 @@ impl Stream {
             Stream::Tcp(s) => s.try_write(buf),
             Stream::Unix(s) => s.try_write(buf),
             // A TLS stream encrypts into its own buffer first: poll it once. The waker is
-            // replaced by the real one at the next wait, and the caller flushes after.
+            // replaced by the real one at the next wait; `try_flush` pushes the rest out.
             tls => match Pin::new(tls).poll_write(&mut Context::from_waker(Waker::noop()), buf) {
                 Poll::Ready(r) => r,
                 Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
             },
+        }
+    }
+
+    /// Pushes out what TLS still buffers without waiting; true when nothing is left (always,
+    /// for plain sockets). The fast path's second half after [`Stream::try_write`].
+    pub fn try_flush(&mut self) -> bool {
+        match self {
+            Stream::Tcp(_) | Stream::Unix(_) => true,
+            tls => matches!(
+                Pin::new(tls).poll_flush(&mut Context::from_waker(Waker::noop())),
+                Poll::Ready(Ok(()))
+            ),
         }
     }
 

@@ -2,7 +2,8 @@
 //! bytes; any bytes, any case, any count) screened by a policy with proxy authentication,
 //! denied and renamed commands, inside and outside MULTI, authenticated or not.
 //!
-//! Checks, on every input: nothing panics; an answer is one RESP error or status line (it
+//! Checks, on every input: nothing panics; what `Rules::concerns` (the session's cheap
+//! test on the name alone) passes over, the screen lets through; an answer is one RESP error or status line (it
 //! starts with `-` or `+`, ends with one `\r\n`, and holds no other line break), as the
 //! session writes it to the client as is; a rewrite keeps a command name and never
 //! grows the argument count; a command is never let through unauthenticated unless it is
@@ -35,20 +36,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     static RULES: std::sync::OnceLock<Rules> = std::sync::OnceLock::new();
-    let rules = RULES.get_or_init(|| {
-        let config = Config::from_toml(CONFIG).expect("valid");
-        Rules {
-            commands: config.commands,
-            users: Some(config.proxy.users),
-        }
-    });
+    let rules = RULES.get_or_init(|| Rules::new(&Config::from_toml(CONFIG).expect("valid")));
     let args: Vec<Vec<u8>> = rest.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
     let mut standing = Standing {
         authenticated: flags & 1 == 1,
         in_multi: flags & 2 == 2,
     };
     let before = standing;
+    let concerned = rules.concerns(&args[0], &standing);
     let (screen, _) = rules.screen(&args, &mut standing);
+    // The session screens only what `concerns` names: everything else must pass.
+    assert!(concerned || screen == Screen::Pass, "{args:?}");
     match &screen {
         Screen::Answer(reply) => {
             assert!(matches!(reply.first(), Some(b'-' | b'+')), "{reply:?}");

@@ -192,9 +192,6 @@ pub struct Session {
     timer: Timer,
     /// Proxy authentication and MULTI, as the command policy needs them.
     standing: Standing,
-    /// The command at the front of `requests` was rewritten by the policy and not sent yet:
-    /// it must not be screened again (a renamed command's own name would be refused).
-    front_screened: bool,
     /// When the commands still owed a reply went out.
     durations: Durations,
 }
@@ -236,7 +233,6 @@ impl Session {
             blocked_forever: false,
             timer: Timer::new(now),
             standing: Standing::default(),
-            front_screened: false,
             durations: Durations::default(),
         }
     }
@@ -391,8 +387,8 @@ impl Session {
             let mut sent = 0u64;
             let mut local: Option<(usize, Local)> = None;
             let mut incomplete = false;
-            // The command at `end` was rewritten by the policy: it is not screened again.
-            let mut screened = std::mem::take(&mut self.front_screened);
+            // The command at `end` was just rewritten by the policy: not screened again.
+            let mut screened = false;
             let owed_before = self.ledger.in_flight();
             let was_idle = owed_before == 0;
             // A strict switch, or a fence that closed, holds new commands.
@@ -437,16 +433,15 @@ impl Session {
                 if frame.inline {
                     // An inline command goes out as multibulk: rewrite it in place, then
                     // scan it again. Rare (people typing), so the copy does not matter.
-                    let mut encoded = Vec::new();
-                    request::encode_command(&request::args(bytes, true), &mut encoded);
-                    let rest = self.requests.split_off(end + frame.len);
-                    self.requests.truncate(end);
-                    self.requests.extend_from_slice(&encoded);
-                    self.requests.extend_from_slice(&rest);
+                    let args = request::args(bytes, true);
+                    self.replace_frame(end, frame.len, &args);
                     continue;
                 }
-                let rewritten = std::mem::take(&mut screened);
-                if !rewritten && !self.ctx.rules.is_empty() {
+                let name = &bytes[frame.name.clone()];
+                let policy = !std::mem::take(&mut screened)
+                    && !self.ctx.rules.is_empty()
+                    && self.ctx.rules.concerns(name, &self.standing);
+                if policy {
                     let args = request::args(bytes, false);
                     self.standing.in_multi = self.ledger.in_transaction().0;
                     let (screen, counted) = self.ctx.rules.screen(&args, &mut self.standing);
@@ -455,16 +450,18 @@ impl Session {
                         Screen::Answer(reply) => Some(Local::Reply(reply, counted)),
                         Screen::Reset => Some(Local::Reset),
                         Screen::Rewrite(args) => {
-                            // Counted now: the rewritten command is not screened again.
-                            self.count(counted);
-                            let mut encoded = Vec::new();
-                            request::encode_command(&args, &mut encoded);
-                            let rest = self.requests.split_off(end + frame.len);
-                            self.requests.truncate(end);
-                            self.requests.extend_from_slice(&encoded);
-                            self.requests.extend_from_slice(&rest);
-                            screened = true;
-                            continue;
+                            // Rewritten only when it goes out now. A command that waits (or
+                            // that a lost transaction answers) stays as the client wrote it,
+                            // to be screened again, the same way, when it can go.
+                            let kind = self.kind_of(&args[0]);
+                            if self.upstream.is_none() || held || self.answers_locally(kind) {
+                                Some(Local::Kind(kind))
+                            } else {
+                                self.count(counted);
+                                self.replace_frame(end, frame.len, &args);
+                                screened = true;
+                                continue;
+                            }
                         }
                     };
                     if let Some(answer) = answer {
@@ -475,12 +472,9 @@ impl Session {
                         break;
                     }
                 }
-                let name = &bytes[frame.name.clone()];
                 let kind = self.kind_of(name);
                 if self.upstream.is_none() || self.answers_locally(kind) || held {
-                    // This command cannot join the batch: send the batch first. It will be
-                    // at the front next time, screened already if it was rewritten.
-                    self.front_screened = rewritten;
+                    // This command cannot join the batch: send the batch first.
                     if end == 0 {
                         local = Some((frame.len, Local::Kind(kind)));
                     }
@@ -503,12 +497,7 @@ impl Session {
             }
             let waits_for_local = local.is_some();
             let progressed = match local {
-                Some((len, local)) => {
-                    let answered = self.answer_locally(len, local).await?;
-                    // The front command is gone: the next one is screened as usual.
-                    self.front_screened &= !answered;
-                    answered
-                }
+                Some((len, local)) => self.answer_locally(len, local).await?,
                 None => end > 0,
             };
             if !progressed {
@@ -706,6 +695,17 @@ impl Session {
         Ok(true)
     }
 
+    /// Replaces the command of `len` bytes at `at` in the request buffer with `args`, as
+    /// multibulk (an inline command, or one the policy rewrote). Rare: the copy is fine.
+    fn replace_frame(&mut self, at: usize, len: usize, args: &[Vec<u8>]) {
+        let mut encoded = Vec::new();
+        request::encode_command(args, &mut encoded);
+        let rest = self.requests.split_off(at + len);
+        self.requests.truncate(at);
+        self.requests.extend_from_slice(&encoded);
+        self.requests.extend_from_slice(&rest);
+    }
+
     /// Counts what the policy refused.
     fn count(&self, counted: Option<policy::Counted>) {
         match counted {
@@ -838,7 +838,7 @@ impl MemberWrite<'_> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err((Signal::ConnectionLost, e.to_string())),
         };
-        if written == buf.len() && matches!(stream, Stream::Tcp(_)) {
+        if written == buf.len() && stream.try_flush() {
             return Ok(());
         }
         let member = self.ctx.members.get(self.idx);

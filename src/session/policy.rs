@@ -11,7 +11,7 @@
 
 use subtle::ConstantTimeEq;
 
-use crate::config::{CommandPolicy, User};
+use crate::config::{AuthMode, CommandPolicy, Config, User};
 use crate::resp::request::encode_command;
 
 /// What happens to one command.
@@ -55,10 +55,43 @@ pub struct Rules {
     pub users: Option<Vec<User>>,
 }
 
+/// Command names longer than this are never in a policy (Redis's longest is 20 bytes).
+const MAX_NAME: usize = 64;
+
 impl Rules {
-    /// Nothing to screen: the hot path skips [`Rules::screen`] entirely.
+    /// The policy and proxy users of a validated configuration.
+    pub fn new(config: &Config) -> Rules {
+        Rules {
+            commands: config.commands.clone(),
+            users: (config.proxy.auth == AuthMode::Proxy).then(|| config.proxy.users.clone()),
+        }
+    }
+
+    /// Nothing to screen: the hot path skips the policy with one branch.
     pub fn is_empty(&self) -> bool {
         self.commands.is_empty() && self.users.is_none()
+    }
+
+    /// Does the screen have anything to say about a command of this name? Decided from the
+    /// name alone, without allocating: an ordinary command of an authenticated client goes
+    /// to the member without its arguments ever being copied.
+    pub fn concerns(&self, name: &[u8], standing: &Standing) -> bool {
+        if self.users.is_some() && !standing.authenticated {
+            return true;
+        }
+        if name.len() > MAX_NAME {
+            return false;
+        }
+        let mut buf = [0u8; MAX_NAME];
+        let lower = &mut buf[..name.len()];
+        lower.copy_from_slice(name);
+        lower.make_ascii_lowercase();
+        let lower = &*lower;
+        let c = &self.commands;
+        (self.users.is_some() && matches!(lower, b"auth" | b"hello" | b"reset"))
+            || c.deny.contains(lower)
+            || c.hidden.contains(lower)
+            || c.renamed.contains_key(lower)
     }
 
     /// Screens one command (`args[0]` is its name as the client sent it). `authenticated`
@@ -226,7 +259,6 @@ pub fn login(username: Option<&str>, password: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn args(line: &str) -> Vec<Vec<u8>> {
         line.split(' ').map(|w| w.as_bytes().to_vec()).collect()
@@ -248,11 +280,7 @@ mod tests {
             deny = ["FLUSHALL"]
             rename = { CONFIG = "CFG", DEBUG = "" }
         "#;
-        let c = Config::from_toml(text).unwrap();
-        Rules {
-            commands: c.commands,
-            users: Some(c.proxy.users),
-        }
+        Rules::new(&Config::from_toml(text).unwrap())
     }
 
     fn answer(text: &str) -> Screen {
@@ -325,10 +353,18 @@ mod tests {
         ];
         for (line, standing, want, authenticated) in cases {
             let mut s = *standing;
-            let (got, _) = r.screen(&args(line), &mut s);
+            let args = args(line);
+            // The session screens only what `concerns` names: it must name all of these.
+            let concerned = r.concerns(&args[0], standing);
+            let (got, _) = r.screen(&args, &mut s);
             assert_eq!(&got, want, "{line}");
             assert_eq!(s.authenticated, *authenticated, "{line}: authenticated");
+            assert!(concerned || got == Screen::Pass, "{line}: not concerned");
         }
+        // An ordinary command of an authenticated client is not looked at further.
+        assert!(!r.concerns(b"GET", &authed));
+        assert!(!r.concerns(&[b'x'; 100], &authed));
+        assert!(r.concerns(b"GET", &no_auth));
     }
 
     #[test]

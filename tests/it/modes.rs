@@ -311,8 +311,8 @@ async fn the_strict_switch_never_has_commands_in_flight_to_two_members() {
     // Clients write all the time, each a pipeline of 10 INCRs after another.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (on_east, on_west) = (
-        monitor(east.addr(), "\"strict:", stop.clone()).await,
-        monitor(west.addr(), "\"strict:", stop.clone()).await,
+        monitor(east.addr(), "\"strict", stop.clone()).await,
+        monitor(west.addr(), "\"strict", stop.clone()).await,
     );
     let mut writers = Vec::new();
     for i in 0..8 {
@@ -343,30 +343,33 @@ async fn the_strict_switch_never_has_commands_in_flight_to_two_members() {
     }
     // And one client runs slow transactions: with a per-session switch it would go on
     // sending to the old member while the others are on the new one.
-    let slow = {
-        let (addr, stop) = (proxy.addr, stop.clone());
-        tokio::spawn(async move {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut buf = [0u8; 1024];
-            let steps: [&[u8]; 4] = [
-                b"MULTI\r\n",
-                b"INCR strict-tx\r\n",
-                b"INCR strict-tx\r\n",
-                b"EXEC\r\n",
-            ];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for step in steps {
-                    c.write_all(step).await.unwrap();
-                    let read = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf));
-                    assert!(
-                        read.await.unwrap().unwrap() > 0,
-                        "the proxy closed a client"
-                    );
-                    tokio::time::sleep(Duration::from_millis(75)).await;
+    // Three, out of step (40 ms steps, started 53 ms apart), so that one is inside a
+    // transaction whenever a switch comes.
+    let slow: Vec<_> = (0..3u64)
+        .map(|i| {
+            let (addr, stop) = (proxy.addr, stop.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(53 * i)).await;
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut buf = [0u8; 1024];
+                let steps: [&[u8]; 4] = [
+                    b"MULTI\r\n",
+                    b"INCR strict-tx\r\n",
+                    b"INCR strict-tx\r\n",
+                    b"EXEC\r\n",
+                ];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for step in steps {
+                        c.write_all(step).await.unwrap();
+                        let read = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf));
+                        let n = read.await.unwrap().unwrap();
+                        assert!(n > 0, "the proxy closed a client");
+                        tokio::time::sleep(Duration::from_millis(40)).await;
+                    }
                 }
-            }
+            })
         })
-    };
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A failover (us-east killed would lose MONITOR; an operator's switchover is a live
     // member to live member switch) and a failback.
@@ -381,7 +384,9 @@ async fn the_strict_switch_never_has_commands_in_flight_to_two_members() {
     assert_eq!(code, 200, "{text}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    slow.await.unwrap();
+    for s in slow {
+        s.await.unwrap();
+    }
     let mut acknowledged = 0;
     for w in writers {
         acknowledged += w.await.unwrap();

@@ -27,6 +27,12 @@ async fn a_drained_member_is_left_at_quiescent_points_and_returned_to_once_enabl
     // Refused requests change nothing.
     let (code, text) = proxy.post(drain, "", None).await;
     assert_eq!(code, 401, "{text}");
+    let (code, text) = proxy.post("/v1/members/us-east/pause", "", token).await;
+    assert_eq!(
+        (code, text.contains("\"not_found\"")),
+        (404, true),
+        "{text}"
+    );
     let (code, text) = proxy.post("/v1/members/mars/drain", "", token).await;
     assert_eq!(
         (code, text.contains("\"unknown_member\"")),

@@ -4,11 +4,10 @@
 //! connection before it, secrets nowhere in what geoproxy prints), and the command policy
 //! (denied and renamed commands, as Redis's `rename-command`).
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::support::cluster::ProxyProcess;
 use crate::support::proxy::{config_toml, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
 use crate::support::tls::{Pki, TlsRaw, TlsRedis};
@@ -221,6 +220,10 @@ async fn the_tls_listener_requires_a_client_certificate_with_a_client_ca() {
     };
     assert!(refused, "a client without a certificate was served");
     let cert = pki.issue("app");
+    // With a certificate but only TLS 1.2, below min_version = "1.3": refused too.
+    let tls12 = [&tokio_rustls::rustls::version::TLS12];
+    let old = TlsRaw::connect(tls_addr, pki.client_config_with(Some(&cert), &tls12)).await;
+    assert!(old.is_err(), "a TLS 1.2 client was served");
     let mut client = TlsRaw::connect(tls_addr, pki.client_config(Some(&cert)))
         .await
         .expect("mTLS to geoproxy");
@@ -368,60 +371,11 @@ async fn denied_and_renamed_commands_answer_as_the_policy_says() {
     assert_eq!(proxy.metric(&denied("debug")).await, 1.0);
 }
 
-/// The binary with `config`, its log (debug) going to a file.
-struct Binary {
-    child: Child,
-    log: tempfile::NamedTempFile,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Binary {
-    fn start(config: &str) -> Binary {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(config.as_bytes()).expect("write config");
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_geoproxy"))
-            .arg("--config")
-            .arg(file.path())
-            .env("GEOPROXY_LOG", "debug")
-            .stdout(log.reopen().expect("log"))
-            .stderr(log.reopen().expect("log"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start geoproxy");
-        Binary {
-            child,
-            log,
-            _config: file,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .expect("kill");
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Everything geoproxy printed, answered and exported in a session of right and wrong
 /// passwords (logs at debug, `/v1/status`, `/metrics`, the replies) holds no secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_appear_nowhere_geoproxy_writes() {
     let member = RedisServer::start_with(&["--requirepass", "member-pw-6d1f"]);
-    let (port, admin) = (free_port(), free_port());
     let config = config_toml(
         &[("local", member.addr())],
         &Options {
@@ -432,10 +386,10 @@ async fn secrets_appear_nowhere_geoproxy_writes() {
         },
     )
     // proxy.listen, then admin.listen.
-    .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
-    .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
-    let proxy = Binary::start(&config);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    .replacen("127.0.0.1:0", "{listen}", 1)
+    .replacen("127.0.0.1:0", "{admin}", 1);
+    let proxy = ProxyProcess::start(&config);
+    let (addr, admin) = (proxy.addr, proxy.admin);
     eventually(Duration::from_secs(10), "geoproxy listens", || async move {
         tokio::net::TcpStream::connect(addr).await.is_ok()
     })
@@ -453,7 +407,7 @@ async fn secrets_appear_nowhere_geoproxy_writes() {
     let mut printed = String::from_utf8_lossy(&replies).into_owned();
     for path in ["/v1/status", "/metrics"] {
         let body = http
-            .get(format!("http://127.0.0.1:{admin}{path}"))
+            .get(format!("http://{admin}{path}"))
             .send()
             .await
             .expect("admin answers")
@@ -480,22 +434,22 @@ async fn secrets_appear_nowhere_geoproxy_writes() {
 async fn sighup_reloads_the_listener_certificate_without_dropping_sessions() {
     let pki = Pki::new("reload");
     let member = RedisServer::start();
-    let (port, admin, tls_port) = (free_port(), free_port(), free_port());
+    let tls_port = free_port();
     let first = pki.issue("first");
     let cert_file = pki.dir.path().join("live.pem");
     let key_file = pki.dir.path().join("live.key");
     std::fs::copy(&first.cert, &cert_file).unwrap();
     std::fs::copy(&first.key, &key_file).unwrap();
     let config = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nmode = \"colocated\"\nthreads = 2\n\
+        "[proxy]\nlisten = \"{{listen}}\"\nmode = \"colocated\"\nthreads = 2\n\
          tls = {{ listen = \"127.0.0.1:{tls_port}\", cert_file = \"{}\", key_file = \"{}\" }}\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [admin]\nlisten = \"{{admin}}\"\n\
          [[members]]\nid = \"local\"\naddress = \"{}\"\n",
         cert_file.display(),
         key_file.display(),
         member.addr()
     );
-    let proxy = Binary::start(&config);
+    let proxy = ProxyProcess::start(&config);
     let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
     let client_config = pki.client_config(None);
     let served_cert = |c: &TlsRaw| {

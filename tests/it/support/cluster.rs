@@ -69,7 +69,7 @@ impl Drop for EtcdServer {
     }
 }
 
-/// A geoproxy process on free ports, its log (debug) in a file.
+/// A geoproxy process (the built binary) on free ports, its log (debug) in a file.
 pub struct ProxyProcess {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -116,7 +116,7 @@ impl ProxyProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_geoproxy"))
             .arg("--config")
             .arg(self.config.path())
-            .env("GEOPROXY_LOG", "info,geoproxy::modes=debug")
+            .env("GEOPROXY_LOG", "debug")
             .stdout(log)
             .stderr(err)
             .stdin(Stdio::null())

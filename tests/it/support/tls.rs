@@ -84,13 +84,22 @@ impl Pki {
 
     /// A rustls client config trusting this CA, with an optional client certificate.
     pub fn client_config(&self, client: Option<&Pair>) -> Arc<ClientConfig> {
+        self.client_config_with(client, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// The same, speaking only the TLS versions given.
+    pub fn client_config_with(
+        &self,
+        client: Option<&Pair>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_file(self.ca_file()).expect("CA"))
             .expect("add CA");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots);
         let config = match client {
