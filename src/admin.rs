@@ -1,6 +1,6 @@
 //! The admin HTTP port: `/live`, `/ready`, `/metrics`, `GET /v1/status`, and the
-//! operator's requests `POST /v1/switchover`, `POST /v1/members/{id}/drain` and
-//! `POST /v1/members/{id}/enable`.
+//! operator's requests `POST /v1/switchover`, `POST /v1/members/{id}/drain`,
+//! `POST /v1/members/{id}/enable` and `POST /v1/reload`.
 //!
 //! It reads snapshots (members' status, the route, the last switches) and never touches the
 //! data path; an operation is a request to the router, which decides. Writes need
@@ -26,11 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Failback, Mode, Secret};
 use crate::health;
-use crate::health::replication::{Matrix, MatrixView};
+use crate::health::replication::MatrixView;
 use crate::health::verdict::CheckStatus;
-use crate::member::Members;
+use crate::member::Roster;
 use crate::metrics::Metrics;
 use crate::modes::pooled::{Judgement, PoolView};
+use crate::reload::{MatrixCell, Reload, ReloadError};
 use crate::router::{
     DrainedCell, Gate, GateCell, History, Operation, OperatorError, OperatorRequest, Route,
     SwitchRecord,
@@ -38,7 +39,7 @@ use crate::router::{
 
 /// What the admin handlers read.
 pub struct AdminState {
-    pub members: Arc<Members>,
+    pub members: Arc<Roster>,
     pub route: watch::Receiver<Route>,
     pub metrics: Metrics,
     /// False once shutdown began: `/ready` answers 503 so load balancers move away.
@@ -48,6 +49,8 @@ pub struct AdminState {
     /// `admin.token`: required (as `Authorization: Bearer ...`) by every POST when set.
     pub token: Option<Secret>,
     pub operations: mpsc::Sender<OperatorRequest>,
+    /// Reload requests, to the reloader.
+    pub reloads: mpsc::Sender<Reload>,
     /// An operation is being decided: another one gets 409.
     pub switching: AtomicBool,
     /// Members drained by an operator, as the router published them.
@@ -56,7 +59,7 @@ pub struct AdminState {
     /// The failback gate, as the router last saw it.
     pub gate: Arc<GateCell>,
     /// The replication check's lag matrix, when it is on.
-    pub matrix: Option<Arc<Matrix>>,
+    pub matrix: Arc<MatrixCell>,
     /// Pooled mode: the pool's judgement of the members.
     pub pool: Option<Arc<PoolView>>,
 }
@@ -70,6 +73,7 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
         .route("/v1/status", get(status))
         .route("/v1/switchover", post(switchover))
         .route("/v1/members/{id}/{action}", post(member_action))
+        .route("/v1/reload", post(reload))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .with_state(state);
     let served = axum::serve(listener, app)
@@ -178,11 +182,9 @@ struct MemberStatus {
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
     let route = *s.route.borrow();
     let drained = s.drained.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let members = s
-        .members
-        .list
+    let roster = s.members.load();
+    let members = roster
         .iter()
-        .enumerate()
         .map(|(i, m)| {
             let st = m.status();
             MemberStatus {
@@ -205,7 +207,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         .collect();
     let gate = *s.gate.lock().unwrap_or_else(|e| e.into_inner());
     let failback_gate = gate.map(|(i, gate)| {
-        let member = s.members.get(i);
+        let member = roster.get(i);
         let why = match gate {
             Gate::Hold { until } => format!(
                 "up for less than its hold: {:.1} s more",
@@ -227,11 +229,16 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         failback: s.failback,
         serving: s.serving.load(Ordering::Relaxed),
         epoch: route.epoch,
-        active_member: route.member.map(|i| s.members.get(i).id().to_string()),
+        active_member: route.member.map(|i| roster.get(i).id().to_string()),
         members,
         switches: s.history.list(),
         failback_gate,
-        replication: s.matrix.as_ref().map(|m| m.view()),
+        replication: s
+            .matrix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.view()),
         pool: s.pool.as_ref().map(|p| p.judgement()),
     })
 }
@@ -283,7 +290,7 @@ async fn member_action(
 
 /// Asks the router to carry out an operation on member `id`; one at a time.
 async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Response {
-    let Some(idx) = s.members.list.iter().position(|m| m.id() == id) else {
+    let Some(idx) = s.members.load().find(id) else {
         let why = format!("no member has the id \"{id}\"");
         return error(StatusCode::NOT_FOUND, "unknown_member", &why);
     };
@@ -312,7 +319,8 @@ async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Respon
                 epoch = route.epoch,
                 "operator request carried out"
             );
-            let active = route.member.map(|i| s.members.get(i).id());
+            let roster = s.members.load();
+            let active = route.member.map(|i| roster.get(i).id());
             let body = serde_json::json!({ "operation": name, "member": id, "active_member": active, "epoch": route.epoch });
             (StatusCode::OK, Json(body)).into_response()
         }
@@ -330,6 +338,46 @@ async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Respon
             StatusCode::SERVICE_UNAVAILABLE,
             "router_unavailable",
             "the router did not answer (shutting down?)",
+        ),
+    }
+}
+
+/// `POST /v1/reload`: read the configuration file again and apply its members and health
+/// (see [`crate::reload`]); the answer lists what changed and what needs a restart. An
+/// invalid file gets 400 and the running configuration stays.
+async fn reload(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = authorize(&s, &headers) {
+        return denied;
+    }
+    if s.switching.swap(true, Ordering::AcqRel) {
+        let why = "another operation is being carried out";
+        return error(StatusCode::CONFLICT, "operation_in_progress", why);
+    }
+    let (reply, outcome) = oneshot::channel();
+    let asked = s.reloads.send(Reload { reply: Some(reply) }).await;
+    let outcome = match asked {
+        Ok(()) => tokio::time::timeout(OPERATION_TIMEOUT, outcome)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(_) => None,
+    };
+    s.switching.store(false, Ordering::Release);
+    match outcome {
+        Some(Ok(done)) => {
+            s.metrics.operation("reload");
+            (StatusCode::OK, Json(done)).into_response()
+        }
+        Some(Err(e @ ReloadError::Invalid(_))) => {
+            error(StatusCode::BAD_REQUEST, "invalid_config", &e.to_string())
+        }
+        Some(Err(e @ ReloadError::NoFile)) => {
+            error(StatusCode::CONFLICT, "no_config_file", &e.to_string())
+        }
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reloader_unavailable",
+            "the reloader did not answer (shutting down?)",
         ),
     }
 }

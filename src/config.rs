@@ -136,6 +136,71 @@ pub struct Config {
     pub centralized: Option<CentralizedConfig>,
     /// `Some` in pooled mode: how the pool shares its views of the members.
     pub pooled: Option<PooledConfig>,
+    /// The file as written (with environment overrides): a reload compares it section by
+    /// section to say what needs a restart.
+    pub source: Source,
+}
+
+/// The configuration's keys and values before validation. Never printed: it holds secrets.
+#[derive(Clone, Default, PartialEq)]
+pub struct Source(serde_json::Value);
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Source(..)")
+    }
+}
+
+impl Source {
+    /// Takes sections `names` from `other` (what a reload applied).
+    pub fn adopt(&mut self, other: &Source, names: &[&str]) {
+        let Some(mine) = self.0.as_object_mut() else {
+            return;
+        };
+        for name in names {
+            match other.0.get(*name) {
+                Some(v) => mine.insert(name.to_string(), v.clone()),
+                None => mine.remove(*name),
+            };
+        }
+    }
+
+    /// Does section `name` differ between `self` and `other`?
+    pub fn section_changed(&self, other: &Source, name: &str) -> bool {
+        self.0.get(name) != other.0.get(name)
+    }
+
+    /// The keys (`section` or `section.key`) whose values differ between `self` and
+    /// `other`, leaving out the sections in `except`.
+    pub fn changed_keys(&self, other: &Source, except: &[&str]) -> Vec<String> {
+        let empty = serde_json::Map::new();
+        let sections = |s: &Source| s.0.as_object().cloned().unwrap_or_default();
+        let (a, b) = (sections(self), sections(other));
+        let mut names: Vec<&String> = a.keys().chain(b.keys()).collect();
+        names.sort();
+        names.dedup();
+        let mut changed = Vec::new();
+        for name in names.into_iter().filter(|n| !except.contains(&n.as_str())) {
+            let (x, y) = (a.get(name), b.get(name));
+            if x == y {
+                continue;
+            }
+            match (x.and_then(|v| v.as_object()), y.and_then(|v| v.as_object())) {
+                (Some(_), _) | (_, Some(_)) => {
+                    let x = x.and_then(|v| v.as_object()).unwrap_or(&empty);
+                    let y = y.and_then(|v| v.as_object()).unwrap_or(&empty);
+                    let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                    keys.sort();
+                    keys.dedup();
+                    for k in keys.into_iter().filter(|k| x.get(*k) != y.get(*k)) {
+                        changed.push(format!("{name}.{k}"));
+                    }
+                }
+                _ => changed.push(name.clone()),
+            }
+        }
+        changed
+    }
 }
 
 /// `[pooled]`: the proxies of a pool share their views of the members; a member is down
@@ -298,7 +363,7 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MemberConfig {
     /// Stable name used in logs, metrics and the admin API.
     pub id: String,
@@ -513,13 +578,21 @@ impl Config {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true);
-        let raw: raw::File = config::Config::builder()
+        let built = config::Config::builder()
             .add_source(source)
             .add_source(env)
             .build()
-            .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::one(e.to_string()))?;
-        validate(raw)
+        let source = built
+            .clone()
+            .try_deserialize::<serde_json::Value>()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let raw: raw::File = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let mut config = validate(raw)?;
+        config.source = Source(source);
+        Ok(config)
     }
 }
 
@@ -1166,6 +1239,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
         commands,
         centralized,
         pooled,
+        source: Source::default(),
     })
 }
 
@@ -2180,5 +2254,22 @@ mod tests {
         let c = Config::from_toml(&text).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.members[0].password.as_ref().unwrap().expose(), "hunter2");
+    }
+
+    /// A reload names the keys it cannot apply, section by section.
+    #[test]
+    fn changed_keys_name_what_differs() {
+        let a = Config::from_toml(MINIMAL).unwrap();
+        let text =
+            MINIMAL.replace("127.0.0.1:6380", "127.0.0.1:6390") + "[commands]\ndeny = [\"KEYS\"]\n";
+        let b = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            a.source.changed_keys(&b.source, &["members", "health"]),
+            ["commands.deny", "proxy.listen"]
+        );
+        assert!(a.source.changed_keys(&a.source, &[]).is_empty());
+        let mut c = a.source.clone();
+        c.adopt(&b.source, &["proxy"]);
+        assert_eq!(c.changed_keys(&b.source, &[]), ["commands.deny"]);
     }
 }

@@ -10,7 +10,8 @@
 //!   sessions report); health flips wake the router.
 //! - [`router`]: decides the active member and publishes the [`router::Route`].
 //! - [`admin`]: `/live /ready /metrics /v1/status`, the operator's requests (switchover,
-//!   drain, enable).
+//!   drain, enable, reload).
+//! - [`reload`]: SIGHUP and `POST /v1/reload` apply a changed file's members and health.
 //! - [`modes`]: centralized (an etcd lease elects the proxy that serves) and pooled (the
 //!   proxies share their views of the members).
 //!
@@ -32,6 +33,7 @@ pub mod listener;
 pub mod member;
 pub mod metrics;
 pub mod modes;
+pub mod reload;
 pub mod resp;
 pub mod router;
 pub mod session;
@@ -54,21 +56,22 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::admin::AdminState;
-use crate::config::{AuthMode, HealthConfig, MemberConfig, SwitchMode};
-use crate::health::replication::Matrix;
+use crate::config::{AuthMode, MemberConfig, SwitchMode};
 use crate::listener::{Listener, Socket};
-use crate::member::Members;
+use crate::member::{Members, Roster};
 use crate::metrics::Metrics;
 use crate::modes::centralized::{ElectionTask, Fence};
 use crate::modes::pooled::{PoolTask, PoolView};
+use crate::reload::{MatrixCell, Reload, Reloader};
 use crate::router::{DrainedCell, GateCell, History, Leadership, Route, Router, RouterTask};
-use crate::session::policy::{login, Rules};
+use crate::session::policy::Rules;
 use crate::session::Context;
-use crate::tls::Acceptor;
 
 /// A proxy whose ports are bound, ready to [`Server::run`].
 pub struct Server {
     config: Config,
+    /// The file SIGHUP and `POST /v1/reload` read again.
+    path: Option<std::path::PathBuf>,
     listener: TcpListener,
     /// The TLS listener (`[proxy.tls]`).
     tls_listener: Option<TcpListener>,
@@ -120,12 +123,19 @@ impl Server {
         let metrics = Metrics::new(prometheus::Registry::new());
         Ok(Server {
             config,
+            path: None,
             listener,
             tls_listener,
             unix_listener,
             admin,
             metrics,
         })
+    }
+
+    /// The configuration file to read again on SIGHUP and `POST /v1/reload`.
+    pub fn reload_from(mut self, path: impl Into<std::path::PathBuf>) -> Server {
+        self.path = Some(path.into());
+        self
     }
 
     /// Where TLS clients connect, with `[proxy.tls]`.
@@ -152,6 +162,7 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let Server {
             config,
+            path,
             listener,
             tls_listener,
             unix_listener,
@@ -166,29 +177,29 @@ impl Server {
             );
         }
         let acceptor = config.proxy.tls.as_ref().map(|t| t.acceptor.clone());
-        tokio::spawn(on_sighup(acceptor.clone(), shutdown.clone()));
+        let (reloads_tx, reloads) = mpsc::channel(4);
+        tokio::spawn(on_sighup(reloads_tx.clone(), shutdown.clone()));
         let slots = health::plan(&config.health);
-        let members = Members::new(
+        let first = Members::new(
             &config.members,
             config.health.policy,
             &slots,
+            config.proxy.auth == AuthMode::Proxy,
             Instant::now(),
         );
-        metrics.init_members(members.list.iter().map(|m| m.id()));
-        for m in &members.list {
+        metrics.init_members(first.iter().map(|(_, m)| m.id()));
+        for (_, m) in first.iter() {
             metrics.member_synced(m.id(), m.status().synced);
             metrics.failback_held(m.id(), None);
         }
+        let members = Roster::new(first);
         let (route_tx, route_rx) = watch::channel(Route::default());
         let serving = Arc::new(AtomicBool::new(true));
         let (operations_tx, operations) = mpsc::channel(4);
         let history = Arc::new(History::default());
         let gate = Arc::new(GateCell::default());
-        let drained = Arc::new(DrainedCell::new(vec![false; members.len()]));
-        let matrix = config.health.replication.as_ref().map(|r| {
-            let ids = members.list.iter().map(|m| m.id().to_string()).collect();
-            Arc::new(Matrix::new(ids, r.shards, r.tolerance))
-        });
+        let drained = Arc::new(DrainedCell::new(vec![false; config.members.len()]));
+        let matrix = Arc::new(MatrixCell::default());
         let (leadership_tx, leadership_rx) = watch::channel(Leadership::default());
         let fence = config
             .centralized
@@ -217,12 +228,16 @@ impl Server {
         let control = Control {
             election,
             pool,
-            members: members.clone(),
-            health: config.health.clone(),
-            metrics: metrics.clone(),
-            matrix: matrix.clone(),
+            reloader: Reloader {
+                path,
+                running: config.clone(),
+                members: members.clone(),
+                metrics: metrics.clone(),
+                matrix: matrix.clone(),
+                requests: reloads,
+            },
             router: RouterTask {
-                router: Router::new(&config.failover, members.len()),
+                router: Router::new(&config.failover, config.members.len()),
                 members: members.clone(),
                 route: route_tx,
                 history: history.clone(),
@@ -244,9 +259,10 @@ impl Server {
                 failback: config.failover.failback,
                 token: config.admin.token.clone(),
                 operations: operations_tx,
+                reloads: reloads_tx,
                 drained: drained.clone(),
                 switching: AtomicBool::new(false),
-                history,
+                history: history.clone(),
                 gate,
                 matrix,
                 pool: pool_view,
@@ -266,6 +282,7 @@ impl Server {
         let ctx = Arc::new(Context {
             members,
             metrics,
+            history: history.clone(),
             reply_timeout: config.proxy.reply_timeout,
             unavailable_timeout: config.proxy.unavailable_timeout,
             connect_timeout: config.proxy.connect_timeout,
@@ -276,15 +293,6 @@ impl Server {
             query_buffer_limit: config.proxy.client_query_buffer_limit,
             fence,
             rules: Rules::new(&config),
-            logins: config
-                .members
-                .iter()
-                .map(|m| {
-                    let proxy_auth = config.proxy.auth == AuthMode::Proxy;
-                    let password = m.password.as_ref().filter(|_| proxy_auth)?;
-                    Some(login(m.username.as_deref(), password.expose()))
-                })
-                .collect(),
         });
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.proxy.max_clients));
@@ -404,11 +412,8 @@ struct Control {
     election: Option<ElectionTask>,
     /// Pooled mode: the exchange of the members' views.
     pool: Option<PoolTask>,
-    members: Arc<Members>,
-    health: HealthConfig,
-    metrics: Metrics,
-    /// The replication check's lag matrix, when it is on.
-    matrix: Option<Arc<Matrix>>,
+    /// Reloads, and the health tasks they restart.
+    reloader: Reloader,
     router: RouterTask,
     admin: TcpListener,
     admin_state: Arc<AdminState>,
@@ -419,10 +424,7 @@ impl Control {
         let Control {
             election,
             pool,
-            members,
-            health,
-            metrics,
-            matrix,
+            reloader,
             router,
             admin,
             admin_state,
@@ -444,7 +446,7 @@ impl Control {
                 };
                 runtime.block_on(async move {
                     let tasks = TaskTracker::new();
-                    health::spawn(&tasks, &members, &health, &metrics, matrix, &stop);
+                    tasks.spawn(reloader.run(tasks.clone(), stop.clone()));
                     tasks.spawn(router.run(stop.clone()));
                     if let Some(election) = election {
                         tasks.spawn(election.run(stop.clone()));
@@ -478,11 +480,9 @@ fn listen_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// SIGHUP reads the TLS listener's certificate, key and client CA files again; sessions
-/// already open keep theirs. An unreadable or mismatched file is logged and the running
-/// certificate stays. Other configuration changes still need a restart, and a proxy
-/// without `[proxy.tls]` only says so: SIGHUP never ends the process.
-async fn on_sighup(acceptor: Option<Arc<Acceptor>>, shutdown: CancellationToken) {
+/// SIGHUP reloads the configuration (see [`reload`]; the reloader logs the outcome). It never
+/// ends the process.
+async fn on_sighup(reloads: mpsc::Sender<Reload>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         warn!("cannot install the SIGHUP handler");
@@ -493,12 +493,9 @@ async fn on_sighup(acceptor: Option<Arc<Acceptor>>, shutdown: CancellationToken)
             _ = shutdown.cancelled() => return,
             got = hangups.recv() => if got.is_none() { return },
         }
-        match acceptor.as_ref().map(|a| a.reload()) {
-            Some(Ok(())) => info!("SIGHUP: TLS certificates reloaded"),
-            Some(Err(e)) => {
-                warn!(error = %e, "SIGHUP: TLS certificates not reloaded; the running ones stay")
-            }
-            None => info!("SIGHUP: nothing to reload (other configuration changes need a restart)"),
+        info!("SIGHUP: reloading the configuration");
+        if reloads.try_send(Reload { reply: None }).is_err() {
+            warn!("SIGHUP: a reload is already under way; this one is skipped");
         }
     }
 }

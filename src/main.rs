@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let server = match Server::bind(config).await {
-            Ok(s) => s,
+            Ok(s) => s.reload_from(&args.config),
             Err(e) => {
                 eprintln!("geoproxy: {e}");
                 return ExitCode::FAILURE;

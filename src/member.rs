@@ -10,13 +10,14 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::MemberConfig;
 use crate::health::verdict::{Change, CheckStatus, Policy, Role, Slot, Verdicts};
 use crate::health::{Cause, Evidence, State};
 use crate::resp::table::CommandTable;
+use crate::session::policy::login;
 
 /// The command table used until a member's own is known.
 static BUILTIN_COMMANDS: LazyLock<CommandTable> = LazyLock::new(CommandTable::builtin);
@@ -27,7 +28,8 @@ static BUILTIN_COMMANDS: LazyLock<CommandTable> = LazyLock::new(CommandTable::bu
 /// queue, where a dropped SYN costs a client a 1 s retransmit.
 const CONNECTS_IN_FLIGHT: usize = 256;
 
-/// Index of a member in preference order (0 = most preferred).
+/// A member's slot in the member table: fixed for the life of the process (a reload that
+/// adds a member gives it a new slot; see [`Members`]).
 pub type MemberIdx = usize;
 
 /// What a session saw that says a member cannot serve.
@@ -126,6 +128,10 @@ pub struct Member {
     pub connects: Semaphore,
     /// Sessions with an upstream to this member now (a strict switch waits for none).
     pub attached: Arc<AtomicUsize>,
+    /// With `proxy.auth = "proxy"`: the AUTH command with the member's own credentials,
+    /// sent first on every upstream.
+    pub login: Option<Vec<u8>>,
+    proxy_auth: bool,
 }
 
 /// Counts one session's upstream in [`Member::attached`] for as long as it lives.
@@ -145,7 +151,47 @@ impl Drop for Attached {
     }
 }
 
+impl fmt::Debug for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Member").field("id", &self.id()).finish()
+    }
+}
+
 impl Member {
+    fn new(
+        config: &MemberConfig,
+        policy: Policy,
+        slots: &[Slot],
+        proxy_auth: bool,
+        now: Instant,
+    ) -> Member {
+        let password = config.password.as_ref().filter(|_| proxy_auth);
+        Member {
+            config: config.clone(),
+            up: AtomicBool::new(false),
+            record: Mutex::new(Record {
+                verdicts: Verdicts::new(policy, slots.to_vec()),
+                since: now,
+                cause: None,
+                forced_because: None,
+            }),
+            evidence: Evidence::default(),
+            refusals: AtomicU64::new(0),
+            commands: OnceLock::new(),
+            connects: Semaphore::new(CONNECTS_IN_FLIGHT),
+            attached: Arc::new(AtomicUsize::new(0)),
+            login: password.map(|p| login(config.username.as_deref(), p.expose())),
+            proxy_auth,
+        }
+    }
+
+    /// A reload changed the checks: keep the state of those still configured.
+    fn reconfigure(&self, policy: Policy, slots: &[Slot], now: Instant) -> Change {
+        let mut r = self.lock();
+        let change = r.verdicts.reconfigure(policy, slots.to_vec());
+        self.settle(&mut r, change, now)
+    }
+
     /// The member's command table, or the built-in one until it is known.
     pub fn command_table(&self) -> &CommandTable {
         self.commands.get().unwrap_or(&BUILTIN_COMMANDS)
@@ -249,58 +295,262 @@ impl Member {
     }
 }
 
-/// All members in preference order, and the bell that wakes the router when one flips.
+/// One generation of the member table: every member this proxy has known since start, by a
+/// slot ([`MemberIdx`]) that never changes, and the preference over those still configured.
+///
+/// A reload builds the next generation ([`Members::next`]): a member whose configuration is
+/// unchanged keeps its slot and its `Arc<Member>` (its health and its sessions stay), a new
+/// or changed one gets a new slot, and a removed one stays in `list` (sessions and
+/// checkers that still hold its slot can read it) but leaves the preference.
 pub struct Members {
-    pub list: Vec<Member>,
-    pub changed: Notify,
+    list: Vec<Arc<Member>>,
+    /// Slots of the configured members, best first.
+    preference: Vec<MemberIdx>,
+    /// Wakes the router when a member flips (shared by every generation).
+    pub changed: Arc<Notify>,
 }
 
 impl Members {
-    /// Every member gets the same checks, combined by `policy`.
+    /// The first generation: every member gets the same checks, combined by `policy`.
+    /// `proxy_auth`: sessions authenticate to members with the members' own credentials.
     pub fn new(
         configs: &[MemberConfig],
         policy: Policy,
         slots: &[Slot],
+        proxy_auth: bool,
         now: Instant,
     ) -> Arc<Members> {
-        let list = configs
+        let list: Vec<_> = configs
             .iter()
-            .map(|config| Member {
-                config: config.clone(),
-                up: AtomicBool::new(false),
-                record: Mutex::new(Record {
-                    verdicts: Verdicts::new(policy, slots.to_vec()),
-                    since: now,
-                    cause: None,
-                    forced_because: None,
-                }),
-                evidence: Evidence::default(),
-                refusals: AtomicU64::new(0),
-                commands: OnceLock::new(),
-                connects: Semaphore::new(CONNECTS_IN_FLIGHT),
-                attached: Arc::new(AtomicUsize::new(0)),
-            })
+            .map(|c| Arc::new(Member::new(c, policy, slots, proxy_auth, now)))
             .collect();
         Arc::new(Members {
+            preference: (0..list.len()).collect(),
             list,
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
         })
     }
 
-    /// Lock-free: is any member up?
-    pub fn any_up(&self) -> bool {
-        self.list.iter().any(Member::is_up)
+    /// The generation a reload to `configs` makes of this one, and what changed. Members
+    /// that stay take the new checks (`policy`, `slots`), keeping the state of every check
+    /// that is still there.
+    pub fn next(
+        &self,
+        configs: &[MemberConfig],
+        policy: Policy,
+        slots: &[Slot],
+        proxy_auth: bool,
+        now: Instant,
+    ) -> (Arc<Members>, MemberChanges) {
+        let mut list = self.list.clone();
+        let mut preference = Vec::with_capacity(configs.len());
+        let mut changes = MemberChanges::default();
+        for c in configs {
+            let kept = self.find(&c.id);
+            let same = kept.filter(|&i| {
+                let m = &self.list[i];
+                m.config == *c && m.proxy_auth == proxy_auth
+            });
+            match (kept, same) {
+                (_, Some(i)) => {
+                    self.list[i].reconfigure(policy, slots, now);
+                    preference.push(i);
+                }
+                (found, None) => {
+                    if found.is_some() {
+                        changes.changed.push(c.id.clone());
+                    } else {
+                        changes.added.push(c.id.clone());
+                    }
+                    preference.push(list.len());
+                    list.push(Arc::new(Member::new(c, policy, slots, proxy_auth, now)));
+                }
+            }
+        }
+        for m in self.iter().map(|(_, m)| m) {
+            if !configs.iter().any(|c| c.id == m.id()) {
+                changes.removed.push(m.id().to_string());
+            }
+        }
+        changes.reordered = {
+            let ids = |p: &[MemberIdx], l: &[Arc<Member>]| -> Vec<String> {
+                p.iter().map(|&i| l[i].id().to_string()).collect()
+            };
+            changes.is_empty() && ids(&preference, &list) != ids(&self.preference, &self.list)
+        };
+        let next = Arc::new(Members {
+            list,
+            preference,
+            changed: self.changed.clone(),
+        });
+        (next, changes)
     }
 
+    /// Lock-free: is any configured member up?
+    pub fn any_up(&self) -> bool {
+        self.iter().any(|(_, m)| m.is_up())
+    }
+
+    /// A member by slot: configured now or removed by a reload.
     pub fn get(&self, idx: MemberIdx) -> &Member {
         &self.list[idx]
     }
 
-    pub fn len(&self) -> usize {
+    /// The same, shared.
+    pub fn shared(&self, idx: MemberIdx) -> Arc<Member> {
+        self.list[idx].clone()
+    }
+
+    /// The configured members, best first, with their slots.
+    pub fn iter(&self) -> impl Iterator<Item = (MemberIdx, &Member)> + Clone + '_ {
+        self.preference.iter().map(|&i| (i, &*self.list[i]))
+    }
+
+    /// Every slot, configured or removed.
+    pub fn all(&self) -> impl Iterator<Item = (MemberIdx, &Member)> + '_ {
+        self.list.iter().map(|m| &**m).enumerate()
+    }
+
+    /// The slots of the configured members, best first.
+    pub fn preference(&self) -> &[MemberIdx] {
+        &self.preference
+    }
+
+    /// The slot of the configured member `id`.
+    pub fn find(&self, id: &str) -> Option<MemberIdx> {
+        self.iter().find(|(_, m)| m.id() == id).map(|(i, _)| i)
+    }
+
+    /// Is slot `idx` a configured member (not one a reload removed)?
+    pub fn is_configured(&self, idx: MemberIdx) -> bool {
+        self.preference.contains(&idx)
+    }
+
+    /// Every slot ever used (the size of per-slot tables).
+    pub fn slots(&self) -> usize {
         self.list.len()
     }
 
+    /// How many members are configured.
+    pub fn len(&self) -> usize {
+        self.preference.len()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.preference.is_empty()
+    }
+}
+
+/// What a reload changed in the member table, by member id.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Same id, another configuration (address, TLS, credentials, region, API): a new
+    /// member for sessions, which move to it at their quiescent points.
+    pub changed: Vec<String>,
+    /// Only the preference order changed.
+    pub reordered: bool,
+}
+
+impl MemberChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The member table as the last reload left it: sessions, the router, the checkers and the
+/// admin API read the current generation; only a reload writes it.
+pub struct Roster(watch::Sender<Arc<Members>>);
+
+impl Roster {
+    pub fn new(members: Arc<Members>) -> Arc<Roster> {
+        Arc::new(Roster(watch::Sender::new(members)))
+    }
+
+    /// The current generation.
+    pub fn load(&self) -> Arc<Members> {
+        self.0.borrow().clone()
+    }
+
+    /// Publishes the next generation (and wakes the router).
+    pub fn store(&self, next: Arc<Members>) {
+        let changed = next.changed.clone();
+        self.0.send_replace(next);
+        changed.notify_one();
+    }
+
+    /// Member `idx` of the current generation (any slot ever used is there).
+    pub fn member(&self, idx: MemberIdx) -> Arc<Member> {
+        self.0.borrow().shared(idx)
+    }
+
+    /// Tells when a reload publishes a generation.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Members>> {
+        self.0.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn members(list: &[(&str, &str)]) -> Vec<MemberConfig> {
+        let mut text = String::from(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nmode = \"colocated\"\n\
+             [admin]\nlisten = \"127.0.0.1:1\"\n",
+        );
+        for (id, address) in list {
+            text.push_str(&format!(
+                "[[members]]\nid = \"{id}\"\naddress = \"{address}\"\n"
+            ));
+        }
+        Config::from_toml(&text).expect("valid").members
+    }
+
+    fn ids(m: &Members) -> Vec<&str> {
+        m.iter().map(|(_, m)| m.id()).collect()
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_members_in_their_slots() {
+        let now = Instant::now();
+        let policy = Policy::All;
+        let first = Members::new(
+            &members(&[("a", "h:1"), ("b", "h:2"), ("c", "h:3")]),
+            policy,
+            &[],
+            false,
+            now,
+        );
+        let configs = members(&[("d", "h:4"), ("a", "h:1"), ("c", "h:9")]);
+        let (next, changes) = first.next(&configs, policy, &[], false, now);
+        assert_eq!(
+            changes,
+            MemberChanges {
+                added: vec!["d".into()],
+                removed: vec!["b".into()],
+                changed: vec!["c".into()],
+                reordered: false,
+            }
+        );
+        assert_eq!(ids(&next), ["d", "a", "c"]);
+        // a is the same member, in the same slot; d and the new c get new slots; b and the
+        // old c stay readable by slot but are not configured.
+        assert_eq!(next.preference(), [3, 0, 4]);
+        assert!(Arc::ptr_eq(&first.shared(0), &next.shared(0)));
+        assert_eq!(next.get(4).config.address, "h:9");
+        assert_eq!(next.get(2).config.address, "h:3");
+        assert!(!next.is_configured(1) && !next.is_configured(2));
+        assert_eq!((next.find("c"), next.find("b")), (Some(4), None));
+        assert_eq!(next.slots(), 5);
+        // The same file again changes nothing; a new order is only a reorder.
+        let (same, changes) = next.next(&configs, policy, &[], false, now);
+        assert!(changes.is_empty() && !changes.reordered);
+        assert_eq!(same.preference(), next.preference());
+        let reordered = members(&[("a", "h:1"), ("d", "h:4"), ("c", "h:9")]);
+        let (_, changes) = next.next(&reordered, policy, &[], false, now);
+        assert!(changes.is_empty() && changes.reordered);
     }
 }

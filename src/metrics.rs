@@ -40,6 +40,7 @@ pub struct Metrics {
     denied_commands: IntCounterVec,
     member_drained: IntGaugeVec,
     operations: IntCounterVec,
+    reloads: IntCounterVec,
     /// Bytes read from clients and written to them (the proxy's traffic, both ways).
     pub client_bytes_in: IntCounter,
     pub client_bytes_out: IntCounter,
@@ -330,6 +331,17 @@ impl Metrics {
                     &["operation"]
                 )
             ),
+            reloads: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_config_reloads_total",
+                        "Configuration reloads (SIGHUP, POST /v1/reload): applied, or rejected \
+                         (an invalid file; the running configuration stays)."
+                    ),
+                    &["outcome"]
+                )
+            ),
             leader: register!(
                 r,
                 IntGauge::new(
@@ -419,6 +431,28 @@ impl Metrics {
             self.inflight_errors.with_label_values(&[id]);
             self.member_drained.with_label_values(&[id]).set(0);
         }
+        for outcome in ["applied", "rejected"] {
+            self.reloads.with_label_values(&[outcome]);
+        }
+    }
+
+    /// A reload removed `member`: its gauges go (its counters stay, as counters do).
+    pub fn forget_member<'a>(&self, member: &str, checks: impl IntoIterator<Item = &'a str>) {
+        let _ = self.member_up.remove_label_values(&[member]);
+        let _ = self.active_member.remove_label_values(&[member]);
+        let _ = self.member_synced.remove_label_values(&[member]);
+        let _ = self.member_drained.remove_label_values(&[member]);
+        for reason in ["hold", "sync"] {
+            let _ = self.failback_held.remove_label_values(&[member, reason]);
+        }
+        for check in checks {
+            let _ = self.check_up.remove_label_values(&[member, check]);
+        }
+    }
+
+    /// A configuration reload: `applied` or `rejected`.
+    pub fn reload(&self, outcome: &str) {
+        self.reloads.with_label_values(&[outcome]).inc();
     }
 
     pub fn member_up(&self, member: &str, up: bool) {

@@ -37,7 +37,7 @@ use tracing::{info, warn};
 use crate::config::{Failback, FailoverConfig};
 use crate::health::verdict::Kind;
 use crate::health::{Cause, State};
-use crate::member::{MemberIdx, Members};
+use crate::member::{MemberIdx, Members, Roster};
 use crate::metrics::Metrics;
 use crate::modes::pooled::PoolView;
 
@@ -80,6 +80,8 @@ pub enum Reason {
     Takeover,
     /// This proxy stopped serving: it lost (or could not renew) the lease.
     Standby,
+    /// A reload removed the active member from the configuration (or changed it).
+    Removed,
 }
 
 impl fmt::Display for Reason {
@@ -93,6 +95,7 @@ impl fmt::Display for Reason {
             Reason::Drain => f.write_str("drain"),
             Reason::Takeover => f.write_str("takeover"),
             Reason::Standby => f.write_str("standby"),
+            Reason::Removed => f.write_str("removed"),
         }
     }
 }
@@ -189,8 +192,11 @@ pub struct Router {
     routed: bool,
     /// The member an operator switched to: stayed on (no failback) while it is up.
     operator: Option<MemberIdx>,
+    /// The configured members' slots, best first (a reload changes it).
+    order: Vec<MemberIdx>,
+    /// Per slot.
     members: Vec<Track>,
-    /// Members an operator drained: never chosen until enabled.
+    /// Members an operator drained (per slot): never chosen until enabled.
     drained: Vec<bool>,
 }
 
@@ -219,9 +225,29 @@ impl Router {
             active: None,
             routed: false,
             operator: None,
+            order: (0..members).collect(),
             members: vec![track; members],
             drained: vec![false; members],
         }
+    }
+
+    /// A reload changed the members: `order` is the new preference over `slots` slots. A new
+    /// slot starts with a fresh memory; an active member no longer in `order` is left at the
+    /// next decision (reason `removed`).
+    pub fn set_preference(&mut self, order: Vec<MemberIdx>, slots: usize) {
+        let fresh = Track {
+            hold: self.grace,
+            left_at: None,
+            returned_at: None,
+        };
+        self.members.resize(slots, fresh);
+        self.drained.resize(slots, false);
+        self.order = order;
+    }
+
+    /// Member `i`'s place in the preference (`None`: not configured).
+    fn rank(&self, i: MemberIdx) -> Option<usize> {
+        self.order.iter().position(|&j| j == i)
     }
 
     pub fn drained(&self, member: MemberIdx) -> bool {
@@ -230,7 +256,9 @@ impl Router {
 
     /// Up, and not drained: a member traffic may go to.
     fn usable(&self, i: MemberIdx, members: &[MemberView]) -> bool {
-        members.get(i).is_some_and(|v| v.state == State::Up) && !self.drained(i)
+        members.get(i).is_some_and(|v| v.state == State::Up)
+            && !self.drained(i)
+            && self.order.contains(&i)
     }
 
     pub fn active(&self) -> Option<MemberIdx> {
@@ -250,7 +278,7 @@ impl Router {
         t.left_at.map_or(up_for, |left| up_for.max(left + t.hold))
     }
 
-    /// Decides the active member given the members' health (in preference order) at `now`.
+    /// Decides the active member given the members' health (by slot) at `now`.
     pub fn decide(&mut self, members: &[MemberView], now: Instant) -> Decision {
         // A drained member is as good as gone to every rule below.
         let up = |i: usize| self.usable(i, members);
@@ -259,7 +287,12 @@ impl Router {
                 if self.failback == Failback::Manual || self.operator == Some(a) {
                     return stay(None);
                 }
-                let better: Vec<usize> = (0..a).filter(|&i| up(i)).collect();
+                let rank = self.rank(a).unwrap_or(0);
+                let better: Vec<usize> = self.order[..rank]
+                    .iter()
+                    .copied()
+                    .filter(|&i| up(i))
+                    .collect();
                 let settled = |i: &usize| self.settled_at(*i, &members[*i]);
                 let ready = |i: &&usize| settled(i) <= now && members[**i].synced;
                 if let Some(&p) = better.iter().find(ready) {
@@ -273,7 +306,12 @@ impl Router {
                     // At start every member is unknown until its first check. Wait for the
                     // members more preferred than the first one up, rather than settle on a
                     // worse member for the whole grace period.
-                    return match members.iter().position(|m| m.state != State::Down) {
+                    let first = self
+                        .order
+                        .iter()
+                        .copied()
+                        .find(|&i| members[i].state != State::Down);
+                    return match first {
                         Some(i) if up(i) => self.switch_to(Some(i), Reason::Initial, now),
                         _ => stay(None),
                     };
@@ -282,7 +320,7 @@ impl Router {
                 // closest to settled (one that came back seconds ago is the last choice); any
                 // member up beats none.
                 let settled = |i: usize| self.settled_at(i, &members[i]);
-                let candidates = (0..members.len()).filter(|&i| up(i));
+                let candidates = self.order.iter().copied().filter(|&i| up(i));
                 let target = candidates
                     .clone()
                     .find(|&i| settled(i) <= now && members[i].synced)
@@ -292,6 +330,7 @@ impl Router {
                     return stay(None);
                 }
                 let reason = match active {
+                    Some(a) if self.rank(a).is_none() => Reason::Removed,
                     Some(a) if self.drained[a] && members[a].state == State::Up => Reason::Drain,
                     Some(a) => {
                         Reason::Failover(members[a].cause.unwrap_or(Cause::Check(Kind::Ping)))
@@ -311,7 +350,11 @@ impl Router {
         if self.failback == Failback::Manual || self.operator == Some(a) {
             return None;
         }
-        let p = (0..a).find(|&i| self.usable(i, members))?;
+        let rank = self.rank(a)?;
+        let p = self.order[..rank]
+            .iter()
+            .copied()
+            .find(|&i| self.usable(i, members))?;
         let until = self.settled_at(p, &members[p]);
         if until > now {
             Some((p, Gate::Hold { until }))
@@ -358,8 +401,11 @@ impl Router {
         match op {
             Operation::Switchover(to) => self.switchover(to, members, now),
             Operation::Drain(i) => {
-                members.get(i).ok_or(OperatorError::UnknownMember)?;
-                let others_up = (0..members.len()).any(|j| j != i && self.usable(j, members));
+                self.rank(i).ok_or(OperatorError::UnknownMember)?;
+                let others_up = self
+                    .order
+                    .iter()
+                    .any(|&j| j != i && self.usable(j, members));
                 if self.active == Some(i) && !others_up {
                     return Err(OperatorError::LastMember);
                 }
@@ -367,7 +413,7 @@ impl Router {
                 Ok(self.decide(members, now))
             }
             Operation::Enable(i) => {
-                members.get(i).ok_or(OperatorError::UnknownMember)?;
+                self.rank(i).ok_or(OperatorError::UnknownMember)?;
                 self.drained[i] = false;
                 Ok(self.decide(members, now))
             }
@@ -381,6 +427,7 @@ impl Router {
         members: &[MemberView],
         now: Instant,
     ) -> Result<Decision, OperatorError> {
+        self.rank(to).ok_or(OperatorError::UnknownMember)?;
         let view = members.get(to).ok_or(OperatorError::UnknownMember)?;
         if view.state != State::Up {
             return Err(OperatorError::NotHealthy);
@@ -446,27 +493,104 @@ pub struct SwitchRecord {
     pub from: Option<String>,
     pub to: Option<String>,
     pub reason: String,
+    /// What the sessions did after it (until the next switch): moved to another member,
+    /// interrupted (their commands in flight got `-OUTCOMEUNKNOWN`), or lost (closed).
+    pub sessions: SessionCounts,
+}
+
+/// Sessions counted against one switch.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SessionCounts {
+    pub moved: u64,
+    pub interrupted: u64,
+    pub lost: u64,
+}
+
+/// What happened to a session at a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOutcome {
+    Moved,
+    Interrupted,
+    Lost,
 }
 
 /// The last switches, newest last.
 #[derive(Default)]
-pub struct History(Mutex<VecDeque<SwitchRecord>>);
+pub struct History(Mutex<Switches>);
+
+#[derive(Default)]
+struct Switches {
+    records: VecDeque<SwitchRecord>,
+    /// Sessions that lost their member before the switch away from it was published (they
+    /// noticed first), by member id: the next switch from that member takes them.
+    early: Vec<(String, SessionCounts, Instant)>,
+}
+
+/// How long an early count waits for its switch.
+const EARLY_KEPT: Duration = Duration::from_secs(60);
+
+impl SessionCounts {
+    fn add(&mut self, outcome: SessionOutcome) {
+        match outcome {
+            SessionOutcome::Moved => self.moved += 1,
+            SessionOutcome::Interrupted => self.interrupted += 1,
+            SessionOutcome::Lost => self.lost += 1,
+        }
+    }
+}
 
 /// Switches kept in [`History`].
 const HISTORY: usize = 20;
 
 impl History {
-    fn push(&self, record: SwitchRecord) {
+    fn push(&self, mut record: SwitchRecord) {
         let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if h.len() == HISTORY {
-            h.pop_front();
+        h.early.retain(|(_, _, at)| at.elapsed() < EARLY_KEPT);
+        if let Some(from) = &record.from {
+            if let Some(i) = h.early.iter().position(|(m, _, _)| m == from) {
+                record.sessions = h.early.swap_remove(i).1;
+            }
         }
-        h.push_back(record);
+        if h.records.len() == HISTORY {
+            h.records.pop_front();
+        }
+        h.records.push_back(record);
+    }
+
+    /// Counts a session's outcome on `member`: a move (to it) against the last switch; a
+    /// loss (of it) against the last switch if that one left it, else against the next
+    /// switch away from it (the session noticed before the router decided).
+    pub fn count(&self, outcome: SessionOutcome, member: &str) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let last = h.records.back_mut();
+        match last {
+            Some(last) if outcome == SessionOutcome::Moved => last.sessions.add(outcome),
+            Some(last) if last.from.as_deref() == Some(member) => last.sessions.add(outcome),
+            _ => {
+                let early = h.early.iter_mut().find(|(m, _, _)| m == member);
+                match early {
+                    Some((_, counts, _)) => counts.add(outcome),
+                    None => {
+                        let mut counts = SessionCounts::default();
+                        counts.add(outcome);
+                        h.early.push((member.to_string(), counts, Instant::now()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The last switch got its final epoch (a strict switch publishes steps before it).
+    fn set_epoch(&self, epoch: u64) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = h.records.back_mut() {
+            last.epoch = epoch;
+        }
     }
 
     pub fn list(&self) -> Vec<SwitchRecord> {
         let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        h.iter().cloned().collect()
+        h.records.iter().cloned().collect()
     }
 }
 
@@ -485,7 +609,7 @@ pub struct OperatorRequest {
 /// What the router task works with.
 pub struct RouterTask {
     pub router: Router,
-    pub members: Arc<Members>,
+    pub members: Arc<Roster>,
     pub route: watch::Sender<Route>,
     pub history: Arc<History>,
     pub operations: mpsc::Receiver<OperatorRequest>,
@@ -525,7 +649,13 @@ impl RouterTask {
             let decision = self.router.step_down(Instant::now());
             self.publish(decision).await;
         }
+        let mut generation = self.members.load();
         loop {
+            let members = self.members.load();
+            if !Arc::ptr_eq(&members, &generation) {
+                generation = members.clone();
+                self.reloaded(&members);
+            }
             let views = self.views();
             let now = Instant::now();
             let leader = self.leadership.as_ref().map(|l| *l.borrow());
@@ -557,7 +687,7 @@ impl RouterTask {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.members.changed.notified() => {}
+                _ = members.changed.notified() => {}
                 _ = leadership_changed => {}
                 Some(request) = self.operations.recv() => {
                     let views = self.views();
@@ -577,7 +707,7 @@ impl RouterTask {
                         (request.op, &route)
                     {
                         let drained = self.router.drained(i);
-                        self.metrics.member_drained(self.members.get(i).id(), drained);
+                        self.metrics.member_drained(members.get(i).id(), drained);
                         let mut cell = self.drained.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(d) = cell.get_mut(i) {
                             *d = drained;
@@ -590,16 +720,21 @@ impl RouterTask {
         }
     }
 
+    /// A reload published a new member table: the router takes its preference, and the
+    /// drained table grows to its slots.
+    fn reloaded(&mut self, members: &Members) {
+        self.router
+            .set_preference(members.preference().to_vec(), members.slots());
+        let mut cell = self.drained.lock().unwrap_or_else(|e| e.into_inner());
+        cell.resize(members.slots(), false);
+    }
+
     /// The strict switch's first half: no member (sessions stop sending and finish what is
     /// in flight), then wait until no session is attached to `from`; after `limit`, evict
     /// the rest (their in-flight commands get `-OUTCOMEUNKNOWN`) and wait for them to go.
     async fn break_before_make(&self, from: MemberIdx, limit: Duration) {
-        let attached = || {
-            self.members
-                .get(from)
-                .attached
-                .load(std::sync::atomic::Ordering::Acquire)
-        };
+        let member = self.members.load().shared(from);
+        let attached = || member.attached.load(std::sync::atomic::Ordering::Acquire);
         let epoch = self.route.borrow().epoch;
         self.route.send_replace(Route {
             epoch: epoch + 1,
@@ -612,7 +747,7 @@ impl RouterTask {
         }
         if attached() > 0 {
             warn!(
-                member = self.members.get(from).id(),
+                member = member.id(),
                 sessions = attached(),
                 "strict switch: sessions still on the old member after failover.strict_timeout; evicting them"
             );
@@ -630,11 +765,11 @@ impl RouterTask {
         }
     }
 
+    /// Every slot's view (a removed member's too: the router must see it to leave it).
     fn views(&self) -> Vec<MemberView> {
         self.members
-            .list
-            .iter()
-            .enumerate()
+            .load()
+            .all()
             .map(|(i, m)| {
                 let s = m.status();
                 let pool = self.pool.as_ref().and_then(|p| p.state(i));
@@ -657,12 +792,13 @@ impl RouterTask {
             return;
         }
         *cell = gate;
-        for (i, m) in self.members.list.iter().enumerate() {
+        let members = self.members.load();
+        for (i, m) in members.iter() {
             let held = gate.filter(|(g, _)| *g == i).map(|(_, why)| why.label());
             self.metrics.failback_held(m.id(), held);
         }
         if let Some((i, Gate::Sync)) = gate {
-            let member = self.members.get(i);
+            let member = members.get(i);
             let why = member.status().unsynced_because.unwrap_or_default();
             info!(
                 member = member.id(),
@@ -677,12 +813,26 @@ impl RouterTask {
         let Some(switch) = decision.switch else {
             return;
         };
+        let members = self.members.load();
+        let name = |i: Option<MemberIdx>| i.map_or("none", |i| members.get(i).id());
+        // Recorded first, so that every session that leaves the old member counts against
+        // this switch.
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.history.push(SwitchRecord {
+            at,
+            epoch: self.route.borrow().epoch + 1,
+            from: switch.from.map(|i| members.get(i).id().to_string()),
+            to: switch.to.map(|i| members.get(i).id().to_string()),
+            reason: switch.reason.to_string(),
+            sessions: SessionCounts::default(),
+        });
         if let (Some(limit), Some(from), Some(_)) = (self.strict, switch.from, switch.to) {
             self.break_before_make(from, limit).await;
         }
-        let members = &self.members;
-        let name = |i: Option<MemberIdx>| i.map_or("none", |i| members.get(i).id());
         let epoch = self.route.borrow().epoch + 1;
+        self.history.set_epoch(epoch);
         let standby = switch.reason == Reason::Standby;
         self.route.send_replace(Route {
             epoch,
@@ -694,19 +844,9 @@ impl RouterTask {
         });
         let (from, to, reason) = (name(switch.from), name(switch.to), switch.reason);
         self.metrics.switched(from, to, &reason.to_string());
-        for (i, m) in members.list.iter().enumerate() {
+        for (i, m) in members.iter() {
             self.metrics.active_member(m.id(), switch.to == Some(i));
         }
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        self.history.push(SwitchRecord {
-            at,
-            epoch,
-            from: switch.from.map(|i| members.get(i).id().to_string()),
-            to: switch.to.map(|i| members.get(i).id().to_string()),
-            reason: reason.to_string(),
-        });
         self.metrics
             .no_member_available
             .set((switch.to.is_none() && !standby).into());
@@ -1059,6 +1199,44 @@ mod tests {
                 to: Some(0),
                 reason: Reason::Failback
             })
+        );
+    }
+
+    /// A reload reorders, adds and removes members: slots stay, the preference changes.
+    #[test]
+    fn a_reload_changes_the_preference_and_leaves_a_removed_member() {
+        let t0 = Instant::now() + Duration::from_secs(1000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut r = router(Failback::Auto);
+        r.decide(&views(t0, 100, &[(Up, 100), (Up, 100), (Up, 100)]), at(100));
+        assert_eq!(r.active(), Some(0));
+        // Slot 3 is new and now preferred; 0 stays, behind it. Its hold starts now.
+        r.set_preference(vec![3, 0, 1], 4);
+        let four = |s| views(t0, s, &[(Up, s), (Up, s), (Up, s), (Up, s)]);
+        let just_up = views(t0, 100, &[(Up, 100), (Up, 100), (Up, 100), (Up, 0)]);
+        let d = r.decide(&just_up, at(100));
+        assert_eq!(d.switch, None);
+        let d = r.decide(&four(200), at(200));
+        assert_eq!(
+            d.switch.map(|s| (s.from, s.to, s.reason)),
+            Some((Some(0), Some(3), Reason::Failback))
+        );
+        // Slot 2 left the preference: never chosen, even when it is the only one up.
+        let only_2 = views(t0, 201, &[(Down, 0), (Down, 0), (Up, 201), (Down, 0)]);
+        r.decide(&only_2, at(201));
+        assert_eq!(r.active(), None);
+        // The active member leaves the configuration: traffic leaves it, saying why.
+        let d = r.decide(&four(300), at(300));
+        assert_eq!(d.switch.and_then(|s| s.to), Some(3));
+        r.set_preference(vec![0, 1], 4);
+        let d = r.decide(&four(301), at(301));
+        assert_eq!(
+            d.switch.map(|s| (s.from, s.to, s.reason)),
+            Some((Some(3), Some(0), Reason::Removed))
+        );
+        assert_eq!(
+            r.operate(Operation::Switchover(3), &four(302), at(302)),
+            Err(OperatorError::UnknownMember)
         );
     }
 

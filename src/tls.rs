@@ -39,7 +39,7 @@ const RESUMPTION_CACHE: usize = 4096;
 pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A member's TLS settings as configured (the paths, for `/v1/status` and reload).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemberTls {
     /// PEM file of the CAs that sign the member's certificate; `None`: the Mozilla roots.
     pub ca_file: Option<String>,
@@ -65,6 +65,13 @@ impl fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("settings", &self.settings)
             .finish()
+    }
+}
+
+/// Two connectors are the same when configured alike (a reload compares members this way).
+impl PartialEq for Connector {
+    fn eq(&self, other: &Connector) -> bool {
+        self.settings == other.settings
     }
 }
 

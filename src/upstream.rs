@@ -2,6 +2,7 @@
 //! session's state on a fresh connection before it carries the session's commands.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -48,7 +49,10 @@ pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 /// A session's connection to one member.
 #[derive(Debug)]
 pub struct Upstream {
+    /// The member's slot.
     pub member: MemberIdx,
+    /// The member itself (its command table, its evidence), without a table lookup.
+    pub to: Arc<Member>,
     pub stream: Stream,
     /// What the member sent after the replay (messages on re-made subscriptions), to be
     /// forwarded before anything else.
@@ -61,7 +65,7 @@ pub struct Upstream {
 /// within `timeout`. `login` (with `proxy.auth = "proxy"`: the member's own credentials)
 /// goes first.
 pub async fn open(
-    member: &Member,
+    member: &Arc<Member>,
     idx: MemberIdx,
     state: &SessionState,
     login: Option<&[u8]>,
@@ -118,6 +122,7 @@ pub async fn open(
     match tokio::time::timeout(timeout, ready).await {
         Ok(Ok((stream, early))) => Ok(Upstream {
             member: idx,
+            to: member.clone(),
             stream,
             early,
             _attached: Attached::new(member),

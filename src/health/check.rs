@@ -183,10 +183,7 @@ pub fn spawn(
     matrix: Option<Arc<Matrix>>,
     shutdown: &CancellationToken,
 ) {
-    if config.availability.as_ref().is_some_and(|a| !a.verify_tls) {
-        warn!("health.availability.verify_tls is off: the REST API's certificate is not verified");
-    }
-    for idx in 0..members.len() {
+    for (idx, _) in members.iter() {
         let passive = Passive {
             members: members.clone(),
             idx,
@@ -206,7 +203,7 @@ pub fn spawn(
         tasks.spawn(task.run(shutdown.clone()));
     }
     let slots = plan(config);
-    for idx in 0..members.len() {
+    for (idx, _) in members.iter() {
         for (slot, s) in slots.iter().enumerate() {
             let new = |timing: Timing| Settings {
                 slot,

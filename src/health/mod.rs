@@ -91,6 +91,15 @@ impl Health {
         self.state
     }
 
+    /// The same counter under new limits (a reload).
+    pub fn with_limits(&self, rise: u32, fall: u32) -> Health {
+        Health {
+            rise,
+            fall,
+            ..*self
+        }
+    }
+
     /// Records one check result; returns the flip it caused, if any.
     pub fn observe(&mut self, ok: bool) -> Option<Flip> {
         let to = match (self.state, ok) {

@@ -59,10 +59,12 @@ impl Replication {
             .collect();
         let (round_tx, round_rx) = watch::channel(0u64);
         let tasks = TaskTracker::new();
-        for idx in 0..self.members.len() {
+        // The matrix is indexed by place in the preference; members by slot.
+        for (place, (idx, _)) in self.members.iter().enumerate() {
             let link = Link {
                 members: self.members.clone(),
                 idx,
+                place,
                 channels: channels.clone(),
                 matrix: self.matrix.clone(),
                 connect_timeout: self.connect_timeout,
@@ -75,10 +77,9 @@ impl Replication {
         tasks.close();
         let slot = self
             .members
-            .get(0)
-            .slots()
             .iter()
-            .position(|s| s.kind == Kind::Replication);
+            .next()
+            .and_then(|(_, m)| m.slots().iter().position(|s| s.kind == Kind::Replication));
         let Some(slot) = slot else {
             return;
         };
@@ -102,7 +103,7 @@ impl Replication {
     /// Feeds each member's verdict: the worst pair between it and the members that are up.
     fn judge(&self, slot: usize, now: Instant) {
         let lags = self.matrix.measure(now);
-        let ids: Vec<&str> = self.members.list.iter().map(|m| m.id()).collect();
+        let ids: Vec<&str> = self.members.iter().map(|(_, m)| m.id()).collect();
         for (from, row) in lags.iter().enumerate() {
             for (to, pair) in row.iter().enumerate() {
                 if let (true, Some(pair)) = (from != to, pair) {
@@ -111,13 +112,15 @@ impl Replication {
                 }
             }
         }
-        let up: Vec<bool> = self.members.list.iter().map(|m| m.is_up()).collect();
-        for m in 0..ids.len() {
-            let Some(result) = member_result(&lags, &up, m, self.config.tolerance, &ids) else {
+        let up: Vec<bool> = self.members.iter().map(|(_, m)| m.is_up()).collect();
+        // `place`: the member's row in the matrix; `idx`: its slot.
+        for (place, &idx) in self.members.preference().iter().enumerate() {
+            let tolerance = self.config.tolerance;
+            let Some(result) = member_result(&lags, &up, place, tolerance, &ids) else {
                 continue; // the first round: nothing to judge yet
             };
             let (members, metrics) = (&self.members, &self.metrics);
-            record(members, m, metrics, slot, "replication", result, 0.0);
+            record(members, idx, metrics, slot, "replication", result, 0.0);
         }
     }
 }
@@ -161,6 +164,8 @@ fn member_result(
 struct Link {
     members: Arc<Members>,
     idx: MemberIdx,
+    /// The member's place in the preference: its row and column in the matrix.
+    place: usize,
     channels: Vec<String>,
     matrix: Arc<Matrix>,
     connect_timeout: Duration,
@@ -272,21 +277,22 @@ impl Link {
                     .iter()
                     .position(|c| c.as_bytes() == &channel[..]);
                 if let (Some(shard), Some((from, round))) = (shard, self.token(payload)) {
-                    self.matrix.received(from, self.idx, shard, round, now);
+                    self.matrix.received(from, self.place, shard, round, now);
                 }
             }
         }
     }
 
-    /// `(from, round)` of a token this proxy published; `None` for anyone else's.
-    fn token(&self, payload: &[u8]) -> Option<(MemberIdx, u64)> {
+    /// `(from, round)` of a token this proxy published (`from`: the publisher's place in the
+    /// matrix); `None` for anyone else's.
+    fn token(&self, payload: &[u8]) -> Option<(usize, u64)> {
         let text = std::str::from_utf8(payload).ok()?;
         let mut words = text.split(' ');
         if words.next()? != crate::instance_id() {
             return None;
         }
         let from = words.next()?;
-        let from = self.members.list.iter().position(|m| m.id() == from)?;
+        let from = self.members.iter().position(|(_, m)| m.id() == from)?;
         let round = words.next()?.parse().ok()?;
         Some((from, round))
     }

@@ -206,6 +206,32 @@ impl Verdicts {
         self.settle(check)
     }
 
+    /// A reload changed the checks: each check still configured (same name and kind) keeps
+    /// its state and streak under its new `rise`/`fall`; a new one starts unknown (and, as
+    /// at start, does not move the member until it answers).
+    pub fn reconfigure(&mut self, policy: Policy, slots: Vec<Slot>) -> Change {
+        let mut fresh = Verdicts::new(policy, slots);
+        for (i, slot) in fresh.slots.iter().enumerate() {
+            let old = self
+                .slots
+                .iter()
+                .position(|s| s.name == slot.name && s.kind == slot.kind);
+            if let Some(j) = old {
+                fresh.checks[i] = self.checks[j].with_limits(slot.rise, slot.fall);
+                fresh.status[i] = CheckStatus {
+                    role: slot.role,
+                    ..self.status[j].clone()
+                };
+            }
+        }
+        fresh.forced = self.forced;
+        fresh.state = self.state;
+        fresh.synced = self.synced;
+        *self = fresh;
+        let check = self.status.first().map_or(State::Unknown, |c| c.state);
+        self.settle(check)
+    }
+
     /// Down at once, whatever the policy: a confirmed passive signal or a tripped error
     /// window. Up again once the PING check has passed `rise` times in a row.
     pub fn force_down(&mut self, cause: Cause) -> Change {
@@ -394,5 +420,36 @@ mod tests {
         assert_eq!(change.flip.map(|f| f.to), Some(Down));
         assert_eq!(v.cause(), Cause::Check(Kind::Keyspace));
         assert_eq!(v.cause().to_string(), "check:keyspace");
+    }
+
+    /// A reload keeps what every check still configured knows, under its new limits.
+    #[test]
+    fn a_reload_keeps_the_state_of_checks_still_configured() {
+        let mut v = verdicts(Policy::All);
+        for slot in 0..4 {
+            v.observe(slot, result(true), 0.0);
+        }
+        assert_eq!((v.state(), v.synced()), (Up, true));
+        // Keyspace goes, a lag check comes, PING now falls after 2 failures.
+        let mut ping = slot(Kind::Ping, Role::Health);
+        ping.fall = 2;
+        let change = v.reconfigure(
+            Policy::All,
+            vec![
+                ping,
+                slot(Kind::Custom, Role::Health),
+                slot(Kind::Replication, Role::Sync),
+                slot(Kind::Lag, Role::Sync),
+            ],
+        );
+        // Still up (the new sync check is not known yet, so the member is not synced).
+        assert_eq!(change.flip, None);
+        assert_eq!(v.state(), Up);
+        assert_eq!(v.checks()[3].state, Unknown);
+        assert!(!v.synced());
+        // The new limits apply: one PING failure is not a fall any more.
+        assert_eq!(v.observe(0, result(false), 0.0).flip, None);
+        assert!(v.observe(0, result(false), 0.0).flip.is_some());
+        assert_eq!(v.state(), Down);
     }
 }

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::etcd::{Campaign, Etcd};
 use crate::config::{CentralizedConfig, Election};
-use crate::member::Members;
+use crate::member::Roster;
 use crate::metrics::Metrics;
 use crate::router::{Leadership, Route};
 
@@ -71,7 +71,7 @@ pub struct ElectionTask {
     pub config: CentralizedConfig,
     /// Shared with every session.
     pub fence: Arc<Fence>,
-    pub members: Arc<Members>,
+    pub members: Arc<Roster>,
     pub route: watch::Receiver<Route>,
     pub leadership: watch::Sender<Leadership>,
     pub metrics: Metrics,
@@ -106,7 +106,7 @@ impl ElectionTask {
         }
         let start_from = last_route
             .and_then(|r| r.split(' ').next())
-            .and_then(|id| self.members.list.iter().position(|m| m.id() == id));
+            .and_then(|id| self.members.load().find(id));
         self.metrics.leader(serving);
         self.leadership.send_replace(Leadership {
             serving,
@@ -209,7 +209,7 @@ impl ElectionTask {
                         }
                         let route = *self.route.borrow_and_update();
                         if let Some(m) = route.member {
-                            let value = format!("{} {}", self.members.get(m).id(), route.epoch);
+                            let value = format!("{} {}", self.members.load().get(m).id(), route.epoch);
                             let written = etcd.put_if(&route_key, &value, &leader_key, &name).await;
                             if !matches!(written, Ok(true)) {
                                 debug!(?written, "route not written to etcd");

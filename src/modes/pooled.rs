@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::etcd::Etcd;
 use crate::config::{PoolViews, PooledConfig};
 use crate::health::State;
-use crate::member::Members;
+use crate::member::Roster;
 use crate::metrics::Metrics;
 
 /// One proxy's view: member id -> up.
@@ -81,7 +81,7 @@ pub fn pool_state(views: &[View], member: &str, quorum: usize) -> Option<State> 
 
 pub struct PoolTask {
     pub config: PooledConfig,
-    pub members: Arc<Members>,
+    pub members: Arc<Roster>,
     pub view: Arc<PoolView>,
     pub metrics: Metrics,
 }
@@ -149,9 +149,9 @@ impl PoolTask {
 
     fn own_view(&self) -> View {
         self.members
-            .list
+            .load()
             .iter()
-            .filter_map(|m| match m.status().state {
+            .filter_map(|(_, m)| match m.status().state {
                 State::Up => Some((m.id().to_string(), true)),
                 State::Down => Some((m.id().to_string(), false)),
                 State::Unknown => None,
@@ -246,11 +246,12 @@ impl PoolTask {
         let mut changed = false;
         {
             let mut j = self.view.inner.lock().unwrap_or_else(|e| e.into_inner());
-            j.states.resize(self.members.len(), None);
+            let members = self.members.load();
+            j.states.resize(members.slots(), None);
             j.proxies = views.len();
             j.quorum = quorum;
             j.down_votes.clear();
-            for (i, m) in self.members.list.iter().enumerate() {
+            for (i, m) in members.iter() {
                 let votes = views.iter().filter(|v| v.get(m.id()) == Some(&false));
                 j.down_votes.insert(m.id().to_string(), votes.count());
                 let state = pool_state(views, m.id(), self.config.quorum);
@@ -266,7 +267,7 @@ impl PoolTask {
         }
         self.metrics.pool(quorum, views.len());
         if changed {
-            self.members.changed.notify_one();
+            self.members.load().changed.notify_one();
         }
         quorum
     }

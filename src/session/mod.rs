@@ -38,13 +38,13 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
 use crate::health::errors::cannot_serve;
-use crate::member::{MemberIdx, Members, Signal};
+use crate::member::{Member, MemberIdx, Roster, Signal};
 use crate::metrics::Metrics;
 use crate::resp::command::{classify, Kind};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{self, RequestScanner};
 use crate::resp::ProtocolError;
-use crate::router::Route;
+use crate::router::{History, Route};
 use crate::stream::Stream;
 use crate::upstream::Upstream;
 use ledger::{needs_args, Command, Frame, Ledger};
@@ -68,8 +68,10 @@ const SHRINK_ABOVE: usize = 256 * 1024;
 
 /// What every session shares: the members, the metrics and the limits.
 pub struct Context {
-    pub members: Arc<Members>,
+    pub members: Arc<Roster>,
     pub metrics: Metrics,
+    /// The last switches: sessions count what they did after each.
+    pub history: Arc<History>,
     pub reply_timeout: Duration,
     pub unavailable_timeout: Duration,
     pub connect_timeout: Duration,
@@ -86,9 +88,6 @@ pub struct Context {
     pub query_buffer_limit: usize,
     /// The command policy and proxy authentication.
     pub rules: Rules,
-    /// Per member (by index), with `proxy.auth = "proxy"`: the AUTH command with the
-    /// member's own credentials, sent first on every upstream.
-    pub logins: Vec<Option<Vec<u8>>>,
     /// Centralized mode: this proxy may send to members only while the fence is open.
     pub fence: Option<Arc<crate::modes::centralized::Fence>>,
 }
@@ -515,16 +514,7 @@ impl Session {
         };
         match kind {
             // A module's blocking or pub/sub command: its replies cannot be counted.
-            Kind::Plain
-                if self
-                    .ctx
-                    .members
-                    .get(upstream.member)
-                    .command_table()
-                    .is_module_streaming(name) =>
-            {
-                Kind::Raw
-            }
+            Kind::Plain if upstream.to.command_table().is_module_streaming(name) => Kind::Raw,
             k => k,
         }
     }
@@ -533,13 +523,7 @@ impl Session {
     /// fails before answering.
     fn retry_bytes(&self, kind: Kind, name: &[u8], bytes: &[u8]) -> Option<Bytes> {
         let upstream = self.upstream.as_ref()?;
-        let read_only = || {
-            self.ctx
-                .members
-                .get(upstream.member)
-                .command_table()
-                .is_read_only(name)
-        };
+        let read_only = || upstream.to.command_table().is_read_only(name);
         (self.ctx.retry_reads
             && matches!(kind, Kind::Plain | Kind::Ping)
             && !self.ledger.in_transaction().0
@@ -619,6 +603,7 @@ impl Session {
         let member = MemberWrite {
             ctx,
             idx: upstream.member,
+            member: &upstream.to,
             route: route_open.then_some(route),
             route_seen,
         };
@@ -744,7 +729,7 @@ impl Session {
                 })
                 .map_err(SessionError::MemberProtocol)?;
             if let (true, Some(u)) = (refusals > 0, &self.upstream) {
-                self.ctx.members.get(u.member).refused(refusals);
+                u.to.refused(refusals);
             }
             if unexpected {
                 self.ctx.metrics.protocol_errors.inc();
@@ -822,6 +807,7 @@ const STANDBY: &[u8] =
 struct MemberWrite<'a> {
     ctx: &'a Context,
     idx: MemberIdx,
+    member: &'a Member,
     /// The route, while the router publishes.
     route: Option<&'a mut watch::Receiver<Route>>,
     route_seen: &'a mut Route,
@@ -841,7 +827,7 @@ impl MemberWrite<'_> {
         if written == buf.len() && stream.try_flush() {
             return Ok(());
         }
-        let member = self.ctx.members.get(self.idx);
+        let member = self.member;
         let mut write = std::pin::pin!(stream.send(&buf[written..]));
         let mut route = self.route;
         loop {
@@ -861,7 +847,7 @@ impl MemberWrite<'_> {
                     if let Some(r) = route.as_deref_mut() {
                         *self.route_seen = *r.borrow_and_update();
                     }
-                    if moving::left_down(&self.ctx.members, *self.route_seen, self.idx) {
+                    if moving::left_down(*self.route_seen, self.idx, member) {
                         return Err((Signal::MemberDown, "the route left it".into()));
                     }
                 }

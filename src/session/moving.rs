@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 
 use super::{Session, SessionError, Streaming};
 use crate::health::evidence::{Ticket, Verdict};
-use crate::member::{MemberIdx, Members, Signal};
+use crate::member::{Member, MemberIdx, Signal};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::RequestScanner;
-use crate::router::Route;
+use crate::router::{Route, SessionOutcome};
 use crate::upstream;
 
 /// RESP3 push telling a tracking client to flush its whole cache.
@@ -47,8 +47,8 @@ pub(super) struct AwaitingVerdict {
 /// Has the route left `member` because it is down (or evicted it, in a strict switch)?
 /// Then what is in flight there will not be answered, and nobody waits for its reply
 /// timeout.
-pub(super) fn left_down(members: &Members, route: Route, member: MemberIdx) -> bool {
-    route.member != Some(member) && (!members.get(member).is_up() || route.evict == Some(member))
+pub(super) fn left_down(route: Route, idx: MemberIdx, member: &Member) -> bool {
+    route.member != Some(idx) && (!member.is_up() || route.evict == Some(idx))
 }
 
 impl AwaitingVerdict {
@@ -82,10 +82,11 @@ impl Session {
             self.route_seen = *self.route.borrow_and_update();
         }
         let route = self.route_seen;
-        if let Some(old) = self.upstream.as_ref().map(|u| u.member) {
+        if let Some(old) = &self.upstream {
             // The route left a member that is down: what is in flight there will not be
             // answered, so the session does not wait for its reply timeout to leave.
-            if left_down(&self.ctx.members, route, old) && !self.quiescent() && !self.client_eof {
+            let left = left_down(route, old.member, &old.to);
+            if left && !self.quiescent() && !self.client_eof {
                 self.upstream_lost(Signal::MemberDown, "the route left it")
                     .await?;
             }
@@ -111,7 +112,7 @@ impl Session {
             }
         }
         let now = Instant::now();
-        let member = self.ctx.members.get(target);
+        let member = self.ctx.members.member(target);
         if !self.backoff.ready(now, route.epoch) || !member.is_up() {
             // A member found down a moment ago is still the route until the router
             // publishes the next one: wait for it.
@@ -120,12 +121,11 @@ impl Session {
         if self.ctx.rules.users.is_some() && !self.standing.authenticated {
             return Ok(()); // proxy authentication: no member connection before it
         }
-        let login = self.ctx.logins.get(target).and_then(Option::as_deref);
         let opened = upstream::open(
-            member,
+            &member,
             target,
             self.ledger.state(),
-            login,
+            member.login.as_deref(),
             self.ctx.connect_timeout,
         )
         .await;
@@ -135,12 +135,13 @@ impl Session {
                 let reattached = current.or(self.last_member).is_some();
                 if let Some(old) = current.or(self.last_member).filter(|&m| m != target) {
                     self.ctx.metrics.sessions_moved.inc();
+                    self.ctx.history.count(SessionOutcome::Moved, member.id());
                     self.ctx
                         .metrics
                         .move_duration
                         .observe(now.elapsed().as_secs_f64());
                     debug!(
-                        from = self.ctx.members.get(old).id(),
+                        from = self.ctx.members.member(old).id(),
                         to = member.id(),
                         "session moved"
                     );
@@ -209,8 +210,7 @@ impl Session {
         let Some(lost) = self.upstream.take() else {
             return Ok(());
         };
-        let member = self.ctx.members.get(lost.member);
-        let id = member.id().to_string();
+        let id = lost.to.id().to_string();
         self.commands = None;
         self.durations.detach();
         if self.streaming == Streaming::Sending {
@@ -231,6 +231,7 @@ impl Session {
             debug!(member = %id, why, "idle upstream closed");
             if self.ledger.state().tracking_redirected() {
                 self.ctx.metrics.sessions_lost.inc();
+                self.ctx.history.count(SessionOutcome::Lost, &id);
                 return Err(SessionError::Unrecoverable(id));
             }
             self.detach();
@@ -259,6 +260,7 @@ impl Session {
         {
             // MONITOR, a raw relay, or half a reply already forwarded: cannot be saved.
             self.ctx.metrics.sessions_lost.inc();
+            self.ctx.history.count(SessionOutcome::Lost, &id);
             return Err(SessionError::Unrecoverable(id));
         }
         let quitting = self.ledger.quitting();
@@ -272,6 +274,7 @@ impl Session {
         self.ctx.metrics.inflight_errors(&id, n as u64);
         if n > 0 {
             self.ctx.metrics.sessions_interrupted.inc();
+            self.ctx.history.count(SessionOutcome::Interrupted, &id);
         }
         if !quitting {
             self.broken = super::transaction::Broken::lost(in_multi, watching, &id);
@@ -282,14 +285,15 @@ impl Session {
 
     /// Tells the member's checker what the session saw; a lost connection waits for the
     /// verdict (see [`AwaitingVerdict`]).
-    fn report(&mut self, member: MemberIdx, signal: Signal) {
-        let evidence = &self.ctx.members.get(member).evidence;
+    fn report(&mut self, idx: MemberIdx, signal: Signal) {
+        let member = self.ctx.members.member(idx);
+        let evidence = &member.evidence;
         let verdicts = evidence.verdicts();
         let ticket = evidence.report(signal);
         if signal == Signal::ConnectionLost {
             let wait = self.ctx.probe_timeout + VERDICT_SLACK;
             self.verdict = Some(AwaitingVerdict {
-                member,
+                member: idx,
                 ticket,
                 verdicts,
                 until: Instant::now() + wait,
@@ -303,7 +307,7 @@ impl Session {
         let Some(awaited) = self.verdict.take() else {
             return Ok(());
         };
-        let id = self.ctx.members.get(awaited.member).id().to_string();
+        let id = self.ctx.members.member(awaited.member).id().to_string();
         if healthy {
             return Err(SessionError::ClosedByMember(id));
         }
@@ -315,11 +319,11 @@ impl Session {
     /// The checker probes; if the member is down the route leaves it and the session answers
     /// what is in flight at once; if not, the session keeps waiting for its (slow) reply.
     pub(super) fn suspect_silence(&mut self) {
-        let Some(member) = self.upstream.as_ref().map(|u| u.member) else {
+        let Some((member, to)) = self.upstream.as_ref().map(|u| (u.member, u.to.clone())) else {
             return;
         };
         debug!(
-            member = self.ctx.members.get(member).id(),
+            member = to.id(),
             "no reply within reply_timeout; asking for a probe"
         );
         self.suspected_at = Some(Instant::now());

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Session};
-use crate::member::Members;
+use crate::member::{Members, Roster};
 use crate::metrics::Metrics;
 use crate::router::Route;
 
@@ -32,9 +32,16 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
         .build()
         .unwrap();
     let ticks = runtime.block_on(async {
-        let members = Members::new(&[], Default::default(), &[], Instant::now());
+        let members = Roster::new(Members::new(
+            &[],
+            Default::default(),
+            &[],
+            false,
+            Instant::now(),
+        ));
         let ctx = Arc::new(Context {
             members,
+            history: Default::default(),
             metrics: Metrics::new(prometheus::Registry::new()),
             reply_timeout: Duration::from_secs(5),
             unavailable_timeout: Duration::from_millis(100),
@@ -45,7 +52,6 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
             client_idle_timeout: None,
             query_buffer_limit: 1 << 30,
             rules: Default::default(),
-            logins: Vec::new(),
             fence: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -328,6 +328,19 @@ async fn a_blocked_command_gets_an_error_when_its_member_dies_and_the_session_mo
     );
     assert_eq!(proxy.metric("geoproxy_sessions_moved_total").await, 1.0);
     assert_eq!(proxy.metric("geoproxy_sessions_lost_total").await, 0.0);
+    // The failover itself says what its sessions did.
+    let status = proxy.status().await;
+    let last = status["switches"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(last["to"], "eu-west", "{status}");
+    assert_eq!(
+        last["sessions"],
+        serde_json::json!({ "moved": 1, "interrupted": 1, "lost": 0 })
+    );
 }
 
 async fn command_tables_loaded(proxy: &Proxy) {

@@ -13,6 +13,7 @@ mod modes;
 mod network;
 mod operations;
 mod python;
+mod reload;
 mod security;
 mod sessions;
 mod support;

@@ -491,11 +491,12 @@ async fn sighup_reloads_the_listener_certificate_without_dropping_sessions() {
     .await;
     // The session opened before the reload goes on.
     old.roundtrip(b"SET k v\r\n", b"+OK\r\n").await;
-    // A broken file is refused; the running certificate stays.
+    // A broken file makes the configuration invalid: refused as a whole, and the running
+    // certificate stays.
     std::fs::write(&key_file, "not a key").unwrap();
     proxy.signal("HUP");
     eventually(Duration::from_secs(5), "the refusal is logged", || async {
-        proxy.log().contains("TLS certificates not reloaded")
+        proxy.log().contains("configuration not reloaded")
     })
     .await;
     let c = TlsRaw::connect(tls_addr, client_config.clone())

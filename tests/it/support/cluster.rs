@@ -125,6 +125,41 @@ impl ProxyProcess {
         self.child = Some(child);
     }
 
+    /// Writes a new configuration to the process's file (`{listen}` and `{admin}` stand for
+    /// its ports, as at start), for a reload.
+    pub fn rewrite(&self, config: &str) {
+        let text = config
+            .replace("{listen}", &self.addr.to_string())
+            .replace("{admin}", &self.admin.to_string());
+        std::fs::write(self.config.path(), text).expect("rewrite config");
+    }
+
+    /// `POST path` on the admin API: the status code and the JSON body.
+    pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin answers");
+        let code = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        (code, serde_json::from_str(&body).unwrap_or_default())
+    }
+
+    /// `/metrics` as text (empty when the admin API does not answer).
+    pub async fn metrics(&self) -> String {
+        let r = self
+            .http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await;
+        match r {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     /// The same process again, with the same ports and configuration.
     pub fn restart(&mut self) {
         self.kill();
