@@ -75,6 +75,13 @@ impl Session {
             && !self.reply_scanner.mid_frame()
     }
 
+    /// Does the session need a member connection now: a command to send, or state that
+    /// listens (subscriptions, client-side caching)?
+    fn needs_upstream(&self) -> bool {
+        let state = self.ledger.state();
+        !self.requests.is_empty() || state.subscribed() || state.tracking.is_some()
+    }
+
     /// Moves to the route's member if the session can move now.
     pub(super) async fn follow_route(&mut self) -> Result<(), SessionError> {
         // Only an atomic load when the route did not change (the common case).
@@ -98,6 +105,13 @@ impl Session {
         let stays = current.is_some() && !self.quiescent();
         let waits = self.client_eof || self.ledger.quitting() || self.verdict.is_some();
         if route.member == current || stays || waits {
+            return Ok(());
+        }
+        if current.is_none() && !self.needs_upstream() {
+            // Lazy: no member connection before there is something to send (a load
+            // balancer's TCP probe, an idle pool connection cost the member nothing). The
+            // wait for a member counts from when there is.
+            self.detached_since = Some(Instant::now());
             return Ok(());
         }
         let Some(target) = route.member else {

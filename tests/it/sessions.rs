@@ -374,3 +374,48 @@ async fn sync_relays_the_rdb_and_the_replication_stream() {
         seen.extend_from_slice(&buf[..n]);
     }
 }
+
+/// A client that connects and sends nothing (a load balancer's TCP probe, an idle pool
+/// connection) costs the member no connection; its first command opens one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_member_connection_before_the_first_command() {
+    let member = RedisServer::start();
+    // Checks that never reconnect during the test: every new connection is a session's.
+    let options = Options {
+        interval: "10s",
+        extra_health: "reconnect_interval = \"1h\"",
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&[("local", member.addr())], options).await;
+    let connections = || {
+        member
+            .info_field("stats", "total_connections_received")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = connections();
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(Raw::connect(proxy.addr).await);
+    }
+    let p = &proxy;
+    eventually(Duration::from_secs(5), "20 sessions open", || async move {
+        p.metric("geoproxy_sessions_open").await == 20.0
+    })
+    .await;
+    // A probe that connects and leaves, too.
+    drop(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    // The check above and this one each opened one connection to ask (`info_field`).
+    assert_eq!(
+        connections(),
+        before + 1,
+        "idle clients opened member connections"
+    );
+    idle[0].roundtrip(b"PING\r\n", b"+PONG\r\n").await;
+    assert_eq!(
+        connections(),
+        before + 3,
+        "the first command opens one connection"
+    );
+}
