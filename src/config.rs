@@ -44,6 +44,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_QUERY_BUFFER_LIMIT: usize = 1024 * 1024 * 1024;
 /// Default for `proxy.shutdown_timeout`: how long in-flight replies may take after SIGTERM.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for `proxy.shared_connections`: one per worker, member and state, so that every
+/// session's commands of a turn go out in one write.
+const DEFAULT_SHARED_CONNECTIONS: usize = 1;
+/// Default for `proxy.idle_pinned`.
+const DEFAULT_IDLE_PINNED: usize = 16;
 /// Default for `proxy.threads`: 0, one worker per core, as HAProxy does. A worker that
 /// has no traffic costs nothing; set 1 to keep a sidecar on one core.
 pub const DEFAULT_THREADS: usize = 0;
@@ -344,6 +349,12 @@ pub struct ProxyConfig {
     /// same port (SO_REUSEPORT), serving the sessions it accepted (0 in the file = one per
     /// core, resolved here).
     pub threads: usize,
+    /// Sessions share member connections (see `pool`); `false`: one each (1:1).
+    pub multiplex: bool,
+    /// Shared connections per worker, member and connection state.
+    pub shared_connections: usize,
+    /// Idle pinned connections a worker keeps per member.
+    pub idle_pinned: usize,
     /// `[proxy.tls]`: a TLS listener beside the plain one.
     pub tls: Option<TlsListenerConfig>,
     /// `proxy.unixsocket`: a unix socket beside the TCP listener (Redis's `unixsocket`),
@@ -706,6 +717,9 @@ mod raw {
         pub client_idle_timeout: Option<Duration>,
         pub client_query_buffer_limit: Option<Size>,
         pub threads: Option<usize>,
+        pub multiplex: Option<bool>,
+        pub shared_connections: Option<usize>,
+        pub idle_pinned: Option<usize>,
         pub tls: Option<ProxyTls>,
         pub unixsocket: Option<String>,
         /// This proxy's name among its peers (centralized and pooled modes).
@@ -1194,6 +1208,15 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
             },
+            multiplex: p.multiplex.unwrap_or(false),
+            shared_connections: match p.shared_connections {
+                Some(0) => {
+                    problems.push("proxy.shared_connections: must be at least 1".into());
+                    1
+                }
+                n => n.unwrap_or(DEFAULT_SHARED_CONNECTIONS),
+            },
+            idle_pinned: p.idle_pinned.unwrap_or(DEFAULT_IDLE_PINNED),
             tls,
             unixsocket,
             auth,

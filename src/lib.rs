@@ -33,6 +33,7 @@ pub mod listener;
 pub mod member;
 pub mod metrics;
 pub mod modes;
+pub mod pool;
 pub mod reload;
 pub mod resp;
 pub mod router;
@@ -62,6 +63,7 @@ use crate::member::{Members, Roster};
 use crate::metrics::Metrics;
 use crate::modes::centralized::{ElectionTask, Fence};
 use crate::modes::pooled::{PoolTask, PoolView};
+use crate::pool::{PoolSettings, Pools};
 use crate::reload::{MatrixCell, Reload, Reloader};
 use crate::router::{DrainedCell, GateCell, History, Leadership, Route, Router, RouterTask};
 use crate::session::policy::Rules;
@@ -296,6 +298,18 @@ impl Server {
         });
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.proxy.max_clients));
+        // Each worker its own pools: a shared connection serves the sessions of one thread.
+        let pools = || {
+            config.proxy.multiplex.then(|| {
+                let settings = PoolSettings {
+                    shared: config.proxy.shared_connections,
+                    idle: config.proxy.idle_pinned,
+                    connect_timeout: config.proxy.connect_timeout,
+                };
+                Arc::new(Pools::new(settings, ctx.metrics.clone()))
+            })
+        };
+        let main_pools = pools();
         // Workers 1..n: one thread each, a single-threaded runtime, and their own socket
         // on the same port (SO_REUSEPORT: the kernel spreads new connections).
         let mut workers = Vec::new();
@@ -314,6 +328,7 @@ impl Server {
                 }
             };
             let sessions = TaskTracker::new();
+            let worker_pools = pools();
             let worker = |listener, tls| Listener {
                 listener: Socket::Tcp(listener),
                 tls,
@@ -321,6 +336,7 @@ impl Server {
                 route: route_rx.clone(),
                 limit: limit.clone(),
                 sessions: sessions.clone(),
+                pools: worker_pools.clone(),
             };
             let mut listeners = vec![worker(plain, None)];
             if let Some(tls) = tls {
@@ -352,6 +368,7 @@ impl Server {
                 route: route_rx.clone(),
                 limit: limit.clone(),
                 sessions: sessions.clone(),
+                pools: main_pools.clone(),
             })
             .collect();
         let listener = Listener {
@@ -361,6 +378,7 @@ impl Server {
             route: route_rx,
             limit,
             sessions: sessions.clone(),
+            pools: main_pools,
         };
         info!(
             listen = %config.proxy.listen,

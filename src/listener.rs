@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::metrics::Metrics;
+use crate::pool::Pools;
 use crate::router::Route;
 use crate::session::{Context, Session};
 use crate::stream::Stream;
@@ -90,6 +91,8 @@ pub struct Listener {
     pub limit: Arc<Semaphore>,
     /// Every session task, so shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// The worker's shared and idle pinned connections (`proxy.multiplex`).
+    pub pools: Option<Arc<Pools>>,
 }
 
 impl Listener {
@@ -155,6 +158,7 @@ impl Listener {
             self.ctx.metrics.sessions_total.inc();
             let open = OpenSession::new(&self.ctx.metrics, permit);
             let (ctx, route, tls) = (self.ctx.clone(), self.route.clone(), self.tls.clone());
+            let pools = self.pools.clone();
             let span = tracing::debug_span!("session", client.addr = %addr);
             let shutdown = shutdown.clone();
             self.sessions.spawn(
@@ -171,7 +175,7 @@ impl Listener {
                             }
                         },
                     };
-                    Session::new(ctx, client, route).run(shutdown).await;
+                    Session::new(ctx, client, route, pools).run(shutdown).await;
                     drop(open);
                 }
                 .instrument(span),

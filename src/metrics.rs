@@ -35,6 +35,10 @@ pub struct Metrics {
     pub retried_reads: IntCounter,
     pub protocol_errors: IntCounter,
     pub move_duration: Histogram,
+    member_connections: IntGaugeVec,
+    pub sessions_shared: IntGauge,
+    pins: IntCounterVec,
+    shared_writes: Histogram,
     pub tls_handshake_failures: IntCounter,
     pub auth_failures: IntCounter,
     denied_commands: IntCounterVec,
@@ -405,6 +409,45 @@ impl Metrics {
                     "Bytes written to clients (replies, pushes and geoproxy's own answers)."
                 )
             ),
+            member_connections: register!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "geoproxy_member_connections",
+                        "Connections open to the member, by kind: shared (by many sessions of \
+                         a worker) or pinned (one session's)."
+                    ),
+                    &["member", "kind"]
+                )
+            ),
+            sessions_shared: register!(
+                r,
+                IntGauge::new(
+                    "geoproxy_sessions_shared",
+                    "Sessions on a shared connection now (the others have their own or none)."
+                )
+            ),
+            pins: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_pins_total",
+                        "Times a shared session took a connection of its own, by the command \
+                         kind that needed it."
+                    ),
+                    &["reason"]
+                )
+            ),
+            shared_writes: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "geoproxy_shared_write_batches",
+                        "Sessions' batches gathered into one write on a shared connection."
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
+                )
+            ),
             move_duration: register!(
                 r,
                 Histogram::with_opts(
@@ -434,6 +477,28 @@ impl Metrics {
         for outcome in ["applied", "rejected"] {
             self.reloads.with_label_values(&[outcome]);
         }
+    }
+
+    /// A connection of `kind` (`shared`, `pinned`) to `member` opened (+1) or closed (-1).
+    pub fn member_connection(&self, member: &str, kind: &str, delta: i64) {
+        self.member_connections
+            .with_label_values(&[member, kind])
+            .add(delta);
+    }
+
+    /// The gauge of `kind` connections to `member`.
+    pub fn member_connections(&self, member: &str, kind: &str) -> IntGauge {
+        self.member_connections.with_label_values(&[member, kind])
+    }
+
+    /// A shared session pinned for a command of this kind.
+    pub fn pinned(&self, reason: &str) {
+        self.pins.with_label_values(&[reason]).inc();
+    }
+
+    /// One write of a shared connection carried `batches` sessions' batches.
+    pub fn shared_write(&self, batches: u64) {
+        self.shared_writes.observe(batches as f64);
     }
 
     /// A reload removed `member`: its gauges go (its counters stay, as counters do).

@@ -8,9 +8,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::config::MemberConfig;
 use crate::member::{Attached, Member, MemberIdx};
+use crate::pool::{Delivery, SharedConn};
 use crate::resp::reply::{first_frame, Reply};
 use crate::resp::ProtocolError;
 use crate::session::state::SessionState;
@@ -46,19 +48,89 @@ impl UpstreamError {
 /// `PING`, as the health checks and the admission of a new connection send it.
 pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
-/// A session's connection to one member.
+/// A session's way to one member: a connection of its own, or a place on a shared one.
 #[derive(Debug)]
 pub struct Upstream {
     /// The member's slot.
     pub member: MemberIdx,
     /// The member itself (its command table, its evidence), without a table lookup.
     pub to: Arc<Member>,
-    pub stream: Stream,
+    pub link: Link,
     /// What the member sent after the replay (messages on re-made subscriptions), to be
     /// forwarded before anything else.
     pub early: BytesMut,
     /// Counts this upstream in the member's `attached` until it is dropped.
     _attached: Attached,
+    /// Counts it in a gauge too (pinned connections, shared sessions), while it lives.
+    _counted: Option<Counted>,
+}
+
+/// One count in a gauge, given back on drop.
+#[derive(Debug)]
+struct Counted(prometheus::IntGauge);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// How a session reaches its member.
+#[derive(Debug)]
+pub enum Link {
+    /// A connection of its own (the 1:1 model, and a shared session while it needs one).
+    Pinned(Stream),
+    /// A shared connection of its worker (`proxy.multiplex`).
+    Shared(SharedLink),
+}
+
+/// A session's place on a shared connection: where it queues its commands, and its own
+/// inbox for its replies.
+pub struct SharedLink {
+    pub conn: Arc<SharedConn>,
+    pub owner: mpsc::UnboundedSender<Delivery>,
+    pub inbox: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl std::fmt::Debug for SharedLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLink")
+            .field("alive", &self.conn.alive())
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// A place on the shared connection `conn` to `member`.
+    pub fn shared(member: &Arc<Member>, idx: MemberIdx, conn: Arc<SharedConn>) -> Upstream {
+        let (owner, inbox) = mpsc::unbounded_channel();
+        Upstream {
+            member: idx,
+            to: member.clone(),
+            link: Link::Shared(SharedLink { conn, owner, inbox }),
+            early: BytesMut::new(),
+            _attached: Attached::new(member),
+            _counted: None,
+        }
+    }
+
+    /// Counts this upstream in `gauge` for as long as it lives.
+    pub fn count_in(&mut self, gauge: prometheus::IntGauge) {
+        gauge.inc();
+        self._counted = Some(Counted(gauge));
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self.link, Link::Shared(_))
+    }
+
+    /// The connection of a pinned upstream, and its count in the member's `attached`.
+    pub fn into_stream(self) -> Option<(Stream, Attached)> {
+        match self.link {
+            Link::Pinned(stream) => Some((stream, self._attached)),
+            Link::Shared(_) => None,
+        }
+    }
 }
 
 /// Opens a connection to `member` and replays `state` on it (subscriptions included), all
@@ -123,9 +195,10 @@ pub async fn open(
         Ok(Ok((stream, early))) => Ok(Upstream {
             member: idx,
             to: member.clone(),
-            stream,
+            link: Link::Pinned(stream),
             early,
             _attached: Attached::new(member),
+            _counted: None,
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(UpstreamError::Timeout(address.clone())),

@@ -40,13 +40,14 @@ use tracing::{debug, info, warn};
 use crate::health::errors::cannot_serve;
 use crate::member::{Member, MemberIdx, Roster, Signal};
 use crate::metrics::Metrics;
+use crate::pool::{Batch, Delivery, Pools};
 use crate::resp::command::{classify, Kind};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{self, RequestScanner};
 use crate::resp::ProtocolError;
 use crate::router::{History, Route};
 use crate::stream::Stream;
-use crate::upstream::Upstream;
+use crate::upstream::{Link, Upstream};
 use ledger::{needs_args, Command, Frame, Ledger};
 use moving::AwaitingVerdict;
 use policy::{Rules, Screen, Standing};
@@ -142,6 +143,12 @@ enum Streaming {
 
 pub struct Session {
     ctx: Arc<Context>,
+    /// The worker's shared and idle pinned connections (`proxy.multiplex`); `None`: every
+    /// session has a connection of its own.
+    pools: Option<Arc<Pools>>,
+    /// A command that ties the session to its connection for good (`CLIENT NO-EVICT`,
+    /// `CLIENT NO-TOUCH`, `CLIENT REPLY`) was sent: it never shares again.
+    sticky: bool,
     client: Stream,
     route: watch::Receiver<Route>,
     /// The route as last read from `route`.
@@ -196,12 +203,19 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(ctx: Arc<Context>, client: Stream, route: watch::Receiver<Route>) -> Session {
+    pub fn new(
+        ctx: Arc<Context>,
+        client: Stream,
+        route: watch::Receiver<Route>,
+        pools: Option<Arc<Pools>>,
+    ) -> Session {
         let now = Instant::now();
         let mut route = route;
         let route_seen = *route.borrow_and_update();
         Session {
             ctx,
+            pools,
+            sticky: false,
             client,
             route,
             route_seen,
@@ -391,7 +405,13 @@ impl Session {
             let owed_before = self.ledger.in_flight();
             let was_idle = owed_before == 0;
             // A strict switch, or a fence that closed, holds new commands.
-            let held = self.route_seen.paused || self.ctx.fence.as_ref().is_some_and(|f| !f.open());
+            let held = self.held();
+            if !held && self.ledger.in_flight() == 0 && self.batch_needs_pin() {
+                // The whole batch goes to a connection of its own, as it would to Redis: a
+                // command that pins sees what the commands before it did on that connection
+                // (`CLIENT REPLY OFF` then `QUIT` closes after the replies, as in Redis).
+                self.pin("batch").await?;
+            }
             while self.protocol_error.is_none() && !self.ledger.quitting() {
                 let frame = match self.request_scanner.next(&self.requests[end..]) {
                     Ok(Some(f)) => f,
@@ -453,7 +473,11 @@ impl Session {
                             // that a lost transaction answers) stays as the client wrote it,
                             // to be screened again, the same way, when it can go.
                             let kind = self.kind_of(&args[0]);
-                            if self.upstream.is_none() || held || self.answers_locally(kind) {
+                            if self.upstream.is_none()
+                                || held
+                                || self.answers_locally(kind)
+                                || self.must_pin(kind)
+                            {
                                 Some(Local::Kind(kind))
                             } else {
                                 self.count(counted);
@@ -472,7 +496,11 @@ impl Session {
                     }
                 }
                 let kind = self.kind_of(name);
-                if self.upstream.is_none() || self.answers_locally(kind) || held {
+                if self.upstream.is_none()
+                    || self.answers_locally(kind)
+                    || held
+                    || self.must_pin(kind)
+                {
                     // This command cannot join the batch: send the batch first.
                     if end == 0 {
                         local = Some((frame.len, Local::Kind(kind)));
@@ -489,7 +517,9 @@ impl Session {
             if sent > 0 || end > 0 {
                 let owed = self.ledger.in_flight().saturating_sub(owed_before);
                 self.durations.sent(owed, Instant::now());
-                self.send(end, sent, was_idle).await?;
+                // On a shared connection only plain commands go: one reply each (an empty
+                // command owes none and counts in neither).
+                self.send(end, sent, sent as usize, was_idle).await?;
             }
             if incomplete && end == 0 {
                 return self.stream_request(was_idle).await;
@@ -504,6 +534,40 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// A strict switch, or a fence that closed, holds new commands.
+    fn held(&self) -> bool {
+        self.route_seen.paused || self.ctx.fence.as_ref().is_some_and(|f| !f.open())
+    }
+
+    /// Is the session on a shared connection, with a command that needs one of its own?
+    /// Only plain commands share; anything that changes or reads the connection's state,
+    /// opens a transaction, blocks or subscribes pins (`QUIT` is answered here).
+    fn must_pin(&self, kind: Kind) -> bool {
+        self.upstream.as_ref().is_some_and(Upstream::is_shared)
+            && !matches!(kind, Kind::Plain | Kind::Ping)
+    }
+
+    /// On a shared connection, does a buffered complete command after the first need a
+    /// connection of its own? (The first is handled as it comes.) Looks at most 64 commands.
+    fn batch_needs_pin(&self) -> bool {
+        if !self.upstream.as_ref().is_some_and(Upstream::is_shared) {
+            return false;
+        }
+        let mut scanner = RequestScanner::default();
+        let mut at = 0;
+        for n in 0..64 {
+            let Ok(Some(frame)) = scanner.next(&self.requests[at..]) else {
+                return false;
+            };
+            let name = &self.requests[at..at + frame.len][frame.name.clone()];
+            if n > 0 && frame.argc > 0 && self.must_pin(self.kind_of(name)) {
+                return true;
+            }
+            at += frame.len;
+        }
+        false
     }
 
     /// What a command is to the session, knowing the member's own command table.
@@ -533,6 +597,12 @@ impl Session {
 
     /// Tells the ledger (and the timers) of a command about to be written.
     fn record(&mut self, kind: Kind, args: &[Vec<u8>], retry: Option<Bytes>) {
+        if kind == Kind::Client {
+            let sub = args.get(1).map(|a| a.to_ascii_uppercase());
+            if matches!(sub.as_deref(), Some(b"NO-EVICT" | b"NO-TOUCH" | b"REPLY")) {
+                self.sticky = true;
+            }
+        }
         let sent = self.ledger.sent(Command { kind, args, retry });
         if sent.raw {
             debug!("session relays raw from now on");
@@ -567,6 +637,16 @@ impl Session {
                 if self.requests.len() < STREAM_AFTER || self.upstream.is_none() {
                     return Ok(());
                 }
+                if self.upstream.as_ref().is_some_and(Upstream::is_shared) {
+                    // A command streamed in pieces cannot share a connection.
+                    if self.ledger.in_flight() > 0 || self.held() {
+                        return Ok(());
+                    }
+                    self.pin("large").await?;
+                    if self.upstream.as_ref().is_none_or(Upstream::is_shared) {
+                        return Ok(());
+                    }
+                }
                 let kind = self.kind_of(&self.requests[name]);
                 if needs_args(kind) || kind != Kind::Plain || self.answers_locally(kind) {
                     return Ok(()); // held whole, up to the query buffer limit
@@ -582,11 +662,17 @@ impl Session {
             return Ok(());
         }
         self.request_scanner.drained(available);
-        self.send(available, 0, was_idle).await
+        self.send(available, 0, 0, was_idle).await
     }
 
-    /// Writes the first `end` buffered bytes (`n` commands) to the upstream.
-    async fn send(&mut self, end: usize, n: u64, was_idle: bool) -> Result<(), SessionError> {
+    /// Writes the first `end` buffered bytes (`n` commands, owing `replies`) to the upstream.
+    async fn send(
+        &mut self,
+        end: usize,
+        n: u64,
+        replies: usize,
+        was_idle: bool,
+    ) -> Result<(), SessionError> {
         let Session {
             ctx,
             upstream,
@@ -600,14 +686,30 @@ impl Session {
             self.requests.advance(end);
             return Ok(());
         };
-        let member = MemberWrite {
-            ctx,
-            idx: upstream.member,
-            member: &upstream.to,
-            route: route_open.then_some(route),
-            route_seen,
+        let result = match &mut upstream.link {
+            Link::Pinned(stream) => {
+                let member = MemberWrite {
+                    ctx,
+                    idx: upstream.member,
+                    member: &upstream.to,
+                    route: route_open.then_some(route),
+                    route_seen,
+                };
+                member.write(stream, &requests[..end]).await
+            }
+            Link::Shared(link) => {
+                let batch = Batch {
+                    bytes: Bytes::copy_from_slice(&requests[..end]),
+                    replies,
+                    owner: link.owner.clone(),
+                };
+                if link.conn.send(batch) {
+                    Ok(())
+                } else {
+                    Err((Signal::ConnectionLost, "shared connection closed".into()))
+                }
+            }
         };
-        let result = member.write(&mut upstream.stream, &requests[..end]).await;
         self.requests.advance(end);
         if let Some(c) = &self.commands {
             c.inc_by(n);
@@ -630,6 +732,13 @@ impl Session {
             return Ok(false); // local answers must follow the replies owed
         }
         let kind = match local {
+            Local::Kind(kind) if self.must_pin(kind) && kind != Kind::Quit => {
+                if !self.answers_locally(kind) && !self.held() {
+                    self.pin(kind_label(kind)).await?;
+                    return Ok(true);
+                }
+                kind
+            }
             Local::Kind(kind) => kind,
             Local::Reply(reply, counted) => {
                 self.requests.advance(len);
@@ -676,6 +785,11 @@ impl Session {
             }
         };
         self.requests.advance(len);
+        if kind == Kind::Quit {
+            // Redis reads nothing after QUIT.
+            self.requests.clear();
+            self.request_scanner = RequestScanner::default();
+        }
         self.write_client(&reply).await?;
         Ok(true)
     }
@@ -770,9 +884,12 @@ impl Session {
         let Some(upstream) = self.upstream.as_mut() else {
             return false;
         };
+        let Link::Pinned(stream) = &mut upstream.link else {
+            return true; // a shared connection stays: wait for this session's replies
+        };
         if !self.upstream_shut {
             self.upstream_shut = true;
-            if let Err(e) = upstream.stream.shutdown().await {
+            if let Err(e) = stream.shutdown().await {
                 debug!(error = %e, "cannot shut the upstream's write side");
                 return false;
             }
@@ -872,8 +989,34 @@ async fn wait_verdict(verdict: Option<&mut AwaitingVerdict>) -> bool {
 }
 
 async fn read_upstream(upstream: Option<&mut Upstream>, buf: &mut BytesMut) -> io::Result<usize> {
-    match upstream {
-        Some(u) => u.stream.read_buf(buf).await,
-        None => std::future::pending().await,
+    let Some(u) = upstream else {
+        return std::future::pending().await;
+    };
+    match &mut u.link {
+        Link::Pinned(stream) => stream.read_buf(buf).await,
+        Link::Shared(link) => match link.inbox.recv().await {
+            Some(Delivery::Replies(bytes)) => {
+                buf.extend_from_slice(&bytes);
+                Ok(bytes.len())
+            }
+            Some(Delivery::Lost(why)) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+            // The session holds a sender of its own inbox: never closed while it reads.
+            None => std::future::pending().await,
+        },
+    }
+}
+
+/// The metric label of a command kind that made a shared session pin.
+fn kind_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Select | Kind::Auth | Kind::Hello | Kind::Reset => "state",
+        Kind::Client => "client",
+        Kind::Multi | Kind::Exec | Kind::Discard => "transaction",
+        Kind::Watch | Kind::Unwatch => "watch",
+        Kind::Blocking(_) => "blocking",
+        Kind::Subscribe(_) | Kind::Unsubscribe(_) => "pubsub",
+        Kind::Monitor => "monitor",
+        Kind::Raw => "raw",
+        Kind::Quit | Kind::Empty | Kind::Plain | Kind::Ping => "other",
     }
 }

@@ -26,7 +26,7 @@ use crate::member::{Member, MemberIdx, Signal};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::RequestScanner;
 use crate::router::{Route, SessionOutcome};
-use crate::upstream;
+use crate::upstream::{self, Link, Upstream};
 
 /// RESP3 push telling a tracking client to flush its whole cache.
 const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
@@ -89,6 +89,14 @@ impl Session {
             self.route_seen = *self.route.borrow_and_update();
         }
         let route = self.route_seen;
+        if let Some(Link::Shared(link)) = self.upstream.as_ref().map(|u| &u.link) {
+            // A shared connection that closed while this session owed nothing: take
+            // another at the next command.
+            if !link.conn.alive() && self.ledger.in_flight() == 0 {
+                self.detach();
+            }
+        }
+        self.share_again();
         if let Some(old) = &self.upstream {
             // The route left a member that is down: what is in flight there will not be
             // answered, so the session does not wait for its reply timeout to leave.
@@ -135,14 +143,26 @@ impl Session {
         if self.ctx.rules.users.is_some() && !self.standing.authenticated {
             return Ok(()); // proxy authentication: no member connection before it
         }
-        let opened = upstream::open(
-            &member,
-            target,
-            self.ledger.state(),
-            member.login.as_deref(),
-            self.ctx.connect_timeout,
-        )
-        .await;
+        let opened = match self.pools.clone() {
+            Some(pools) if self.shareable_state() => {
+                let conn = pools.shared(&member, target, &self.ledger.state().shareable());
+                let mut shared = Upstream::shared(&member, target, conn);
+                shared.count_in(self.ctx.metrics.sessions_shared.clone());
+                Ok(shared)
+            }
+            Some(pools) => pools.pinned(&member, target, self.ledger.state()).await,
+            None => {
+                let login = member.login.as_deref();
+                let state = self.ledger.state();
+                upstream::open(&member, target, state, login, self.ctx.connect_timeout).await
+            }
+        };
+        let opened = opened.map(|mut new| {
+            if !new.is_shared() {
+                new.count_in(self.ctx.metrics.member_connections(member.id(), "pinned"));
+            }
+            new
+        });
         match opened {
             Ok(mut new) => {
                 // A move: from a live upstream, or back on air after a failure elsewhere.
@@ -197,6 +217,84 @@ impl Session {
         Ok(())
     }
 
+    /// Nothing ties the session to a connection of its own: it may share.
+    pub(super) fn shareable_state(&self) -> bool {
+        let state = self.ledger.state();
+        !self.sticky
+            && !state.subscribed()
+            && state.tracking.is_none()
+            && !state.reply_off
+            && !self.ledger.raw()
+            && !self.ledger.monitoring()
+    }
+
+    /// A pinned session whose need for its own connection has passed goes back to sharing:
+    /// its connection waits in the worker's idle pool for a session with the same state.
+    fn share_again(&mut self) {
+        let Some(pools) = self.pools.clone() else {
+            return;
+        };
+        let Some(pinned) = self.upstream.as_ref() else {
+            return;
+        };
+        let can = !pinned.is_shared()
+            && self.route_seen.member == Some(pinned.member)
+            && self.quiescent()
+            && self.shareable_state()
+            && self.replies.is_empty()
+            && !self.replies_waiting
+            && !self.client_eof
+            && !self.upstream_shut
+            && self.verdict.is_none()
+            && self.blocked_until.is_none()
+            && !self.blocked_forever;
+        if !can {
+            return;
+        }
+        let Some(pinned) = self.upstream.take() else {
+            return;
+        };
+        let (member, idx) = (pinned.to.clone(), pinned.member);
+        let state = self.ledger.state();
+        pools.put_idle(pinned, state);
+        let conn = pools.shared(&member, idx, &state.shareable());
+        let mut shared = Upstream::shared(&member, idx, conn);
+        shared.count_in(self.ctx.metrics.sessions_shared.clone());
+        self.upstream = Some(shared);
+    }
+
+    /// The session is on a shared connection and its next command needs one of its own:
+    /// take an idle one with its state, or open one. Nothing is owed when it is called.
+    pub(super) async fn pin(&mut self, reason: &str) -> Result<(), SessionError> {
+        let Some(pools) = self.pools.clone() else {
+            return Ok(());
+        };
+        let Some(shared) = self.upstream.take() else {
+            return Ok(());
+        };
+        self.ctx.metrics.pinned(reason);
+        let (member, idx) = (shared.to.clone(), shared.member);
+        drop(shared);
+        match pools.pinned(&member, idx, self.ledger.state()).await {
+            Ok(mut pinned) => {
+                pinned.count_in(self.ctx.metrics.member_connections(member.id(), "pinned"));
+                self.replies = std::mem::take(&mut pinned.early);
+                self.replies_waiting = !self.replies.is_empty();
+                self.reply_scanner = ReplyScanner::default();
+                self.upstream = Some(pinned);
+            }
+            Err(e) => {
+                if e.is_member_failure() {
+                    member.evidence.report(Signal::ConnectFailed);
+                }
+                debug!(member = member.id(), error = %e, "cannot pin a connection");
+                self.backoff.failed(Instant::now(), self.route_seen.epoch);
+                self.detach();
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn detach(&mut self) {
         self.upstream = None;
         self.commands = None;
@@ -234,7 +332,8 @@ impl Session {
             // QUIT answered (or about to be): the member closes, and so does the session.
             return Ok(());
         }
-        if signal != Signal::MemberDown {
+        // A shared connection's task reported its own loss, once for all its sessions.
+        if signal != Signal::MemberDown && !lost.is_shared() {
             self.report(lost.member, signal);
         }
         let idle = self.ledger.in_flight() == 0 && self.quiescent_after_loss();

@@ -193,6 +193,16 @@ impl SessionState {
         (out, confirmations)
     }
 
+    /// The part of the state a shared connection has: protocol, credentials, database.
+    pub fn shareable(&self) -> SessionState {
+        SessionState {
+            auth: self.auth.clone(),
+            resp3: self.resp3,
+            db: self.db.clone(),
+            ..SessionState::default()
+        }
+    }
+
     fn set_name(&mut self, name: Vec<u8>) {
         // `CLIENT SETNAME ""` clears the name.
         self.name = (!name.is_empty()).then_some(name);

@@ -61,7 +61,7 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
         let (server, _) = listener.accept().await.unwrap();
         let (route_tx, route_rx) = watch::channel(Route::default());
         drop(route_tx);
-        let session = Session::new(ctx, crate::stream::Stream::Tcp(server), route_rx);
+        let session = Session::new(ctx, crate::stream::Stream::Tcp(server), route_rx, None);
         tokio::spawn(session.run(CancellationToken::new()));
         let before = thread_cpu_ticks();
         // The session still serves: no member, so the proxy's own error, in time.

@@ -856,14 +856,17 @@ impl Lane {
         if let Some(p) = proxied.as_deref_mut() {
             // A proxy that keeps its member connection after its client left leaks it (and
             // would disturb the next case, e.g. as an extra subscriber). The member keeps
-            // geoproxy's health-check connection, plus ours for INFO.
+            // geoproxy's health-check connection, plus ours for INFO, plus (with
+            // `proxy.multiplex`) the connections geoproxy's pools keep and count.
             let mut dirty = false;
-            if let Err(n) = drained(&p.member, 2).await {
+            let pooled = pooled_connections(&p.proxy).await;
+            if let Err(n) = drained(&p.member, 2 + pooled).await {
                 let list = admin(&p.member, &["CLIENT", "LIST"]).await;
                 extra.push(format!(
                     "the member still has {n} clients {DRAIN_TIMEOUT:?} after the client \
-                     closed (expected 2: geoproxy's health check and the harness's); its \
-                     CLIENT LIST: {}",
+                     closed (expected {}: geoproxy's health check, the harness's, and {pooled} \
+                     kept in geoproxy's pools); its CLIENT LIST: {}",
+                    2 + pooled,
                     escape(&list)
                 ));
                 dirty = true;
@@ -966,6 +969,20 @@ async fn connected_clients(s: &RedisServer) -> usize {
 }
 
 /// Waits until the server has at most `want` clients (the INFO connection counts).
+/// The member connections geoproxy's pools keep (shared, and idle pinned ones), as its
+/// `geoproxy_member_connections` gauges count them once no session is open.
+async fn pooled_connections(proxy: &Proxy) -> usize {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while proxy.metric("geoproxy_sessions_open").await > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, text) = proxy.get("/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with("geoproxy_member_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
+
 async fn drained(s: &RedisServer, want: usize) -> Result<(), usize> {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {

@@ -1,0 +1,426 @@
+//! Shared and pinned upstreams (`proxy.multiplex`): many sessions over a few member
+//! connections.
+//!
+//! Each worker keeps its own [`Pools`]:
+//!
+//! - **Shared connections**, per member and per connection state (protocol, credentials,
+//!   database): up to `proxy.shared_connections` each. A shared connection is a task pair:
+//!   the writer takes the batches that sessions queue (commands of many sessions go out in
+//!   one write) and tells the reader, in order, who owes how many replies; the reader finds
+//!   reply frames with the [`ReplyScanner`] and hands each owner its own bytes, in order. A
+//!   session on a shared connection owns no member connection.
+//! - **Idle pinned connections**: a session that needs a connection of its own (a
+//!   transaction, a blocking command, a subscription, any state change) takes one from here
+//!   when one with exactly its state is idle, and gives it back when it can share again, so
+//!   a transaction does not pay a connect.
+//!
+//! When a shared connection fails, every session with replies owed on it gets
+//! [`Delivery::Lost`] and answers each of its own in-flight commands with
+//! `-OUTCOMEUNKNOWN`, in its own order; nothing is replayed elsewhere.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::member::{Member, MemberIdx, Signal};
+use crate::metrics::Metrics;
+use crate::resp::reply::ReplyScanner;
+use crate::session::state::SessionState;
+use crate::stream::Stream;
+use crate::upstream::{self, Upstream};
+
+/// Most bytes one write of a shared connection gathers from the queued batches.
+const MAX_WRITE: usize = 256 * 1024;
+/// An idle pinned connection unused this long is checked (a `PING`) before it is used.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// What one session queues on a shared connection: its commands, and how many replies they
+/// owe it.
+pub struct Batch {
+    pub bytes: Bytes,
+    pub replies: usize,
+    pub owner: mpsc::UnboundedSender<Delivery>,
+}
+
+/// What a shared connection hands a session.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The session's reply bytes, in order (complete frames, or the start of a large one
+    /// whose rest follows).
+    Replies(Bytes),
+    /// The connection failed with replies owed to this session: their outcome is unknown.
+    Lost(String),
+}
+
+/// One shared connection, as sessions see it.
+pub struct SharedConn {
+    batches: mpsc::UnboundedSender<Batch>,
+    alive: AtomicBool,
+}
+
+impl SharedConn {
+    /// Queues a batch. False when the connection is gone (the batch never went out).
+    pub fn send(&self, batch: Batch) -> bool {
+        self.alive() && self.batches.send(batch).is_ok()
+    }
+
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+}
+
+/// The settings of a worker's pools.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Shared connections per member and connection state (`proxy.shared_connections`).
+    pub shared: usize,
+    /// Idle pinned connections kept per member (`proxy.idle_pinned`).
+    pub idle: usize,
+    /// Connecting and preparing a new member connection (`proxy.connect_timeout`).
+    pub connect_timeout: Duration,
+}
+
+/// A connection's state as the key of a pool: the member, and the commands that rebuild the
+/// state on a fresh connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    member: MemberIdx,
+    replay: Vec<u8>,
+}
+
+impl Key {
+    fn new(member: MemberIdx, state: &SessionState) -> Key {
+        Key {
+            member,
+            replay: state.replay_commands().0,
+        }
+    }
+}
+
+/// An idle pinned connection.
+struct Idle {
+    upstream: Upstream,
+    since: Instant,
+}
+
+/// One worker's shared and idle pinned connections.
+pub struct Pools {
+    settings: PoolSettings,
+    metrics: Metrics,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    shared: HashMap<Key, Vec<Arc<SharedConn>>>,
+    /// Round robin over a key's shared connections.
+    turn: usize,
+    idle: HashMap<Key, Vec<Idle>>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolSettings, metrics: Metrics) -> Pools {
+        Pools {
+            settings,
+            metrics,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// A shared connection to `member` in the connection state `state` (only its
+    /// protocol, credentials and database: what a shared session may have). Opened (in the
+    /// background; batches queue meanwhile) when the key has fewer than its share.
+    pub fn shared(
+        &self,
+        member: &Arc<Member>,
+        idx: MemberIdx,
+        state: &SessionState,
+    ) -> Arc<SharedConn> {
+        let key = Key::new(idx, state);
+        let mut inner = self.lock();
+        inner.turn = inner.turn.wrapping_add(1);
+        let turn = inner.turn;
+        let conns = inner.shared.entry(key).or_default();
+        conns.retain(|c| c.alive());
+        if conns.len() >= self.settings.shared.max(1) {
+            return conns[turn % conns.len()].clone();
+        }
+        let (batches, queued) = mpsc::unbounded_channel();
+        let conn = Arc::new(SharedConn {
+            batches,
+            alive: AtomicBool::new(true),
+        });
+        conns.push(conn.clone());
+        let task = SharedTask {
+            member: member.clone(),
+            idx,
+            state: state.clone(),
+            conn: conn.clone(),
+            connect_timeout: self.settings.connect_timeout,
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(task.run(queued));
+        conn
+    }
+
+    /// A pinned connection to `member` with the session's `state`: an idle one with
+    /// exactly that state if one is still open (checked with a `PING` when it has been idle
+    /// a while), else a new one with the state replayed.
+    pub async fn pinned(
+        &self,
+        member: &Arc<Member>,
+        idx: MemberIdx,
+        state: &SessionState,
+    ) -> Result<Upstream, upstream::UpstreamError> {
+        let key = Key::new(idx, state);
+        loop {
+            let idle = self.lock().idle.get_mut(&key).and_then(Vec::pop);
+            let Some(Idle {
+                mut upstream,
+                since,
+            }) = idle
+            else {
+                break;
+            };
+            let upstream::Link::Pinned(stream) = &mut upstream.link else {
+                continue;
+            };
+            if !stream.is_idle() {
+                continue; // closed by the member (its `timeout`), or worse
+            }
+            if since.elapsed() > IDLE_CHECK_AFTER {
+                let check = async {
+                    stream.send(upstream::PING).await?;
+                    upstream::read_reply(stream, &mut BytesMut::new()).await
+                };
+                let timeout = self.settings.connect_timeout;
+                if !matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(_))) {
+                    continue;
+                }
+            }
+            return Ok(upstream);
+        }
+        let login = member.login.as_deref();
+        upstream::open(member, idx, state, login, self.settings.connect_timeout).await
+    }
+
+    /// Keeps a pinned connection whose session shares again, if there is room for it.
+    pub fn put_idle(&self, upstream: Upstream, state: &SessionState) {
+        let key = Key::new(upstream.member, state);
+        let mut inner = self.lock();
+        let member = upstream.member;
+        let kept: usize = inner
+            .idle
+            .iter()
+            .filter(|(k, _)| k.member == member)
+            .map(|(_, v)| v.len())
+            .sum();
+        if kept < self.settings.idle {
+            let since = Instant::now();
+            inner
+                .idle
+                .entry(key)
+                .or_default()
+                .push(Idle { upstream, since });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Who owes replies on a shared connection, in the order their commands went out.
+struct Owed {
+    owner: mpsc::UnboundedSender<Delivery>,
+    left: usize,
+}
+
+/// One shared connection's task.
+struct SharedTask {
+    member: Arc<Member>,
+    idx: MemberIdx,
+    /// Its connection state (protocol, credentials, database), replayed at connect.
+    state: SessionState,
+    conn: Arc<SharedConn>,
+    connect_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl SharedTask {
+    async fn run(self, mut queued: mpsc::UnboundedReceiver<Batch>) {
+        let id = self.member.id().to_string();
+        let login = self.member.login.as_deref();
+        let opened = upstream::open(
+            &self.member,
+            self.idx,
+            &self.state,
+            login,
+            self.connect_timeout,
+        )
+        .await;
+        let upstream = match opened {
+            Ok(u) => u,
+            Err(e) => {
+                self.conn.alive.store(false, Ordering::Release);
+                if e.is_member_failure() {
+                    self.member.evidence.report(Signal::ConnectFailed);
+                }
+                debug!(member = %id, error = %e, "cannot open a shared connection");
+                queued.close();
+                let why = e.to_string();
+                while let Ok(batch) = queued.try_recv() {
+                    let _ = batch.owner.send(Delivery::Lost(why.clone()));
+                }
+                return;
+            }
+        };
+        let Some((stream, attached)) = upstream.into_stream() else {
+            return; // open() makes a pinned link
+        };
+        self.metrics.member_connection(&id, "shared", 1);
+        let (reader, writer) = tokio::io::split(stream);
+        let (owed_tx, mut owed_rx) = mpsc::unbounded_channel();
+        let mut fifo = VecDeque::new();
+        let why = tokio::select! {
+            r = write_batches(&mut queued, owed_tx, writer, &self.metrics) => r,
+            r = read_replies(reader, &mut owed_rx, &mut fifo) => r,
+        };
+        self.conn.alive.store(false, Ordering::Release);
+        self.metrics.member_connection(&id, "shared", -1);
+        drop(attached);
+        // Everyone still owed a reply learns that its outcome is unknown; batches never
+        // written are answered the same way (the session cannot tell them apart).
+        queued.close();
+        while let Ok(o) = owed_rx.try_recv() {
+            fifo.push_back(o);
+        }
+        let mut owed = false;
+        for o in fifo.drain(..) {
+            owed |= o.left > 0;
+            let _ = o.owner.send(Delivery::Lost(why.clone()));
+        }
+        while let Ok(batch) = queued.try_recv() {
+            owed = true;
+            let _ = batch.owner.send(Delivery::Lost(why.clone()));
+        }
+        if owed {
+            debug!(member = %id, why, "shared connection lost with replies owed");
+            self.member.evidence.report(Signal::ConnectionLost);
+        }
+    }
+}
+
+/// Writes queued batches, many sessions' at once; tells the reader who owes what first.
+/// Returns why it stopped.
+async fn write_batches(
+    queued: &mut mpsc::UnboundedReceiver<Batch>,
+    owed: mpsc::UnboundedSender<Owed>,
+    mut writer: WriteHalf<Stream>,
+    metrics: &Metrics,
+) -> String {
+    let mut buf = BytesMut::new();
+    loop {
+        let Some(first) = queued.recv().await else {
+            // Every handle is gone: nobody can send here any more. Wait for the replies.
+            return std::future::pending().await;
+        };
+        buf.clear();
+        let mut batches = 0u64;
+        let mut next = Some(first);
+        while let Some(batch) = next.take() {
+            batches += 1;
+            buf.extend_from_slice(&batch.bytes);
+            if batch.replies > 0 {
+                let _ = owed.send(Owed {
+                    owner: batch.owner,
+                    left: batch.replies,
+                });
+            }
+            if buf.len() < MAX_WRITE {
+                next = queued.try_recv().ok();
+            }
+        }
+        metrics.shared_write(batches);
+        let written = async {
+            writer.write_all(&buf).await?;
+            writer.flush().await
+        };
+        if let Err(e) = written.await {
+            return format!("write: {e}");
+        }
+    }
+}
+
+/// Reads replies and hands each owner its own bytes, in order. Returns why it stopped.
+async fn read_replies(
+    mut reader: ReadHalf<Stream>,
+    owed: &mut mpsc::UnboundedReceiver<Owed>,
+    fifo: &mut VecDeque<Owed>,
+) -> String {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = ReplyScanner::default();
+    let mut ends = Vec::new();
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => return "connection closed".into(),
+            Ok(_) => {}
+            Err(e) => return format!("read: {e}"),
+        }
+        ends.clear();
+        let scanned = scanner.scan(&buf, |reply| {
+            ends.push((reply.end, reply.is_push(), reply.is_attribute()))
+        });
+        let consumed = match scanned {
+            Ok(n) => n,
+            Err(e) => return format!("malformed reply: {e}"),
+        };
+        let chunk = buf.split_to(consumed).freeze();
+        let mut start = 0;
+        for &(end, push, attribute) in &ends {
+            if push {
+                return "a push on a shared connection".into();
+            }
+            let Some(front) = front(fifo, owed) else {
+                return "a reply that no command asked for".into();
+            };
+            if !attribute {
+                front.left -= 1;
+            }
+            if front.left == 0 {
+                let _ = front.owner.send(Delivery::Replies(chunk.slice(start..end)));
+                start = end;
+                fifo.pop_front();
+            }
+        }
+        // The front owner's frames so far (complete ones short of its count, or the start of
+        // a large one): its bytes now, the rest as they come.
+        if start < chunk.len() {
+            let Some(front) = front(fifo, owed) else {
+                return "a reply that no command asked for".into();
+            };
+            let _ = front.owner.send(Delivery::Replies(chunk.slice(start..)));
+        }
+    }
+}
+
+/// The owner of the next reply.
+fn front<'a>(
+    fifo: &'a mut VecDeque<Owed>,
+    owed: &mut mpsc::UnboundedReceiver<Owed>,
+) -> Option<&'a mut Owed> {
+    if fifo.is_empty() {
+        fifo.push_back(owed.try_recv().ok()?);
+    }
+    fifo.front_mut()
+}
