@@ -42,4 +42,8 @@ echo "test.sh: $(redis-server --version)"
 # The quality gates first: a change that is not formatted or not clippy-clean does not land.
 cargo fmt --check || die "cargo fmt --check failed: run cargo fmt"
 cargo clippy --locked --all-targets -- -D warnings || die "cargo clippy found warnings"
-exec cargo test --locked "$@"
+cargo test --locked "$@"
+# The integration tests again, with every proxy multiplexing (proxy.multiplex = true): the
+# differential harness and every scenario must hold in both models.
+echo "test.sh: the integration tests again with proxy.multiplex = true"
+GEOPROXY_TEST_MULTIPLEX=1 exec cargo test --locked --test it "$@"

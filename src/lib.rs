@@ -18,7 +18,8 @@
 //! Data path (one task per client):
 //! - [`listener`]: accepts clients (plain TCP, TLS with `[proxy.tls]`, a unix socket),
 //!   enforces `max_clients`.
-//! - [`session`]: one client and its pinned [`upstream`]; forwards RESP found by [`resp`].
+//! - [`session`]: one client and its [`upstream`] (a connection of its own, or a place on a
+//!   shared one from its worker's [`pool`]); forwards RESP found by [`resp`].
 //! - [`stream`] and [`tls`]: a connection either side: plain, TLS or a unix socket.
 //!
 //! Shared: [`config`] (the file contract), [`member`] (members and their health snapshot),

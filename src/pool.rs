@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -36,6 +36,10 @@ use crate::session::state::SessionState;
 use crate::stream::Stream;
 use crate::upstream::{self, Upstream};
 
+/// Reply chunks (each at most one read, some 16 KiB) waiting for one session: a session
+/// whose client does not read stops the connection's reader here, so the proxy never holds
+/// more than this for it (the other sessions of that connection wait meanwhile).
+pub const INBOX_CHUNKS: usize = 32;
 /// Most bytes one write of a shared connection gathers from the queued batches.
 const MAX_WRITE: usize = 256 * 1024;
 /// An idle pinned connection unused this long is checked (a `PING`) before it is used.
@@ -46,7 +50,7 @@ const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
 pub struct Batch {
     pub bytes: Bytes,
     pub replies: usize,
-    pub owner: mpsc::UnboundedSender<Delivery>,
+    pub owner: mpsc::Sender<Delivery>,
 }
 
 /// What a shared connection hands a session.
@@ -57,18 +61,40 @@ pub enum Delivery {
     Replies(Bytes),
     /// The connection failed with replies owed to this session: their outcome is unknown.
     Lost(String),
+    /// The connection failed before any of this session's outstanding commands were
+    /// written: they never ran, and here they are back, to go to the next member.
+    NotSent(Bytes),
 }
 
 /// One shared connection, as sessions see it.
 pub struct SharedConn {
     batches: mpsc::UnboundedSender<Batch>,
     alive: AtomicBool,
+    /// `None` while connecting; then `Ok` (ready) or why it could not be opened.
+    opened: watch::Sender<Option<Result<(), String>>>,
 }
 
 impl SharedConn {
+    /// Waits until the connection is open and its state replayed. A session joins a shared
+    /// connection only then, so that a member that cannot be reached leaves its commands
+    /// unsent (they wait for a member, as with a connection of its own) rather than lost.
+    pub async fn ready(&self) -> Result<(), String> {
+        let mut opened = self.opened.subscribe();
+        let outcome = opened.wait_for(Option::is_some).await;
+        match outcome.as_deref() {
+            Ok(Some(r)) => r.clone(),
+            _ => Err("shared connection gone".into()),
+        }
+    }
+
     /// Queues a batch. False when the connection is gone (the batch never went out).
     pub fn send(&self, batch: Batch) -> bool {
         self.alive() && self.batches.send(batch).is_ok()
+    }
+
+    /// Open and ready now (never waits).
+    pub fn is_ready(&self) -> bool {
+        matches!(*self.opened.borrow(), Some(Ok(())))
     }
 
     pub fn alive(&self) -> bool {
@@ -156,6 +182,7 @@ impl Pools {
         let conn = Arc::new(SharedConn {
             batches,
             alive: AtomicBool::new(true),
+            opened: watch::Sender::new(None),
         });
         conns.push(conn.clone());
         let task = SharedTask {
@@ -239,7 +266,7 @@ impl Pools {
 
 /// Who owes replies on a shared connection, in the order their commands went out.
 struct Owed {
-    owner: mpsc::UnboundedSender<Delivery>,
+    owner: mpsc::Sender<Delivery>,
     left: usize,
 }
 
@@ -274,10 +301,11 @@ impl SharedTask {
                     self.member.evidence.report(Signal::ConnectFailed);
                 }
                 debug!(member = %id, error = %e, "cannot open a shared connection");
-                queued.close();
                 let why = e.to_string();
+                self.conn.opened.send_replace(Some(Err(why.clone())));
+                queued.close();
                 while let Ok(batch) = queued.try_recv() {
-                    let _ = batch.owner.send(Delivery::Lost(why.clone()));
+                    lost(&batch.owner, &why);
                 }
                 return;
             }
@@ -286,6 +314,7 @@ impl SharedTask {
             return; // open() makes a pinned link
         };
         self.metrics.member_connection(&id, "shared", 1);
+        self.conn.opened.send_replace(Some(Ok(())));
         let (reader, writer) = tokio::io::split(stream);
         let (owed_tx, mut owed_rx) = mpsc::unbounded_channel();
         let mut fifo = VecDeque::new();
@@ -296,25 +325,38 @@ impl SharedTask {
         self.conn.alive.store(false, Ordering::Release);
         self.metrics.member_connection(&id, "shared", -1);
         drop(attached);
-        // Everyone still owed a reply learns that its outcome is unknown; batches never
-        // written are answered the same way (the session cannot tell them apart).
+        // Everyone still owed a reply for a command written learns that its outcome is
+        // unknown; a session whose owed commands were all still queued gets them back.
         queued.close();
         while let Ok(o) = owed_rx.try_recv() {
             fifo.push_back(o);
         }
-        let mut owed = false;
+        let owed = !fifo.is_empty();
+        let mut unknown: Vec<mpsc::Sender<Delivery>> = Vec::new();
         for o in fifo.drain(..) {
-            owed |= o.left > 0;
-            let _ = o.owner.send(Delivery::Lost(why.clone()));
+            lost(&o.owner, &why);
+            unknown.push(o.owner);
         }
+        let mut unsent: Vec<(mpsc::Sender<Delivery>, BytesMut)> = Vec::new();
         while let Ok(batch) = queued.try_recv() {
-            owed = true;
-            let _ = batch.owner.send(Delivery::Lost(why.clone()));
+            if unknown.iter().any(|u| u.same_channel(&batch.owner)) {
+                continue; // its Lost covers these too
+            }
+            match unsent
+                .iter_mut()
+                .find(|(o, _)| o.same_channel(&batch.owner))
+            {
+                Some((_, bytes)) => bytes.extend_from_slice(&batch.bytes),
+                None => unsent.push((batch.owner, BytesMut::from(&batch.bytes[..]))),
+            }
         }
-        if owed {
-            debug!(member = %id, why, "shared connection lost with replies owed");
-            self.member.evidence.report(Signal::ConnectionLost);
+        for (owner, bytes) in unsent {
+            deliver_now(&owner, Delivery::NotSent(bytes.freeze()));
         }
+        // The proxy's own connection closed: evidence either way (the probe that confirms
+        // it tells a member that died from one that closed an idle connection on purpose).
+        debug!(member = %id, why, owed, "shared connection lost");
+        self.member.evidence.report(Signal::ConnectionLost);
     }
 }
 
@@ -398,7 +440,10 @@ async fn read_replies(
                 front.left -= 1;
             }
             if front.left == 0 {
-                let _ = front.owner.send(Delivery::Replies(chunk.slice(start..end)));
+                let _ = front
+                    .owner
+                    .send(Delivery::Replies(chunk.slice(start..end)))
+                    .await;
                 start = end;
                 fifo.pop_front();
             }
@@ -409,8 +454,26 @@ async fn read_replies(
             let Some(front) = front(fifo, owed) else {
                 return "a reply that no command asked for".into();
             };
-            let _ = front.owner.send(Delivery::Replies(chunk.slice(start..)));
+            let _ = front
+                .owner
+                .send(Delivery::Replies(chunk.slice(start..)))
+                .await;
         }
+    }
+}
+
+/// Tells `owner` its replies are lost, without waiting on a session that does not read.
+fn lost(owner: &mpsc::Sender<Delivery>, why: &str) {
+    deliver_now(owner, Delivery::Lost(why.into()));
+}
+
+/// Hands `owner` a last delivery without waiting on a session that does not read.
+fn deliver_now(owner: &mpsc::Sender<Delivery>, delivery: Delivery) {
+    if let Err(mpsc::error::TrySendError::Full(d)) = owner.try_send(delivery) {
+        let owner = owner.clone();
+        tokio::spawn(async move {
+            let _ = owner.send(d).await;
+        });
     }
 }
 

@@ -88,8 +88,10 @@ pub enum Link {
 /// inbox for its replies.
 pub struct SharedLink {
     pub conn: Arc<SharedConn>,
-    pub owner: mpsc::UnboundedSender<Delivery>,
-    pub inbox: mpsc::UnboundedReceiver<Delivery>,
+    pub owner: mpsc::Sender<Delivery>,
+    pub inbox: mpsc::Receiver<Delivery>,
+    /// Commands the connection gave back unsent ([`Delivery::NotSent`]).
+    pub unsent: Option<bytes::Bytes>,
 }
 
 impl std::fmt::Debug for SharedLink {
@@ -103,11 +105,16 @@ impl std::fmt::Debug for SharedLink {
 impl Upstream {
     /// A place on the shared connection `conn` to `member`.
     pub fn shared(member: &Arc<Member>, idx: MemberIdx, conn: Arc<SharedConn>) -> Upstream {
-        let (owner, inbox) = mpsc::unbounded_channel();
+        let (owner, inbox) = mpsc::channel(crate::pool::INBOX_CHUNKS);
         Upstream {
             member: idx,
             to: member.clone(),
-            link: Link::Shared(SharedLink { conn, owner, inbox }),
+            link: Link::Shared(SharedLink {
+                conn,
+                owner,
+                inbox,
+                unsent: None,
+            }),
             early: BytesMut::new(),
             _attached: Attached::new(member),
             _counted: None,

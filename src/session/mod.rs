@@ -321,6 +321,10 @@ impl Session {
                 }
                 Event::UpstreamRead(Ok(_)) => self.forward_replies().await?,
                 Event::UpstreamRead(Err(e)) => {
+                    if let Some(unsent) = self.take_unsent() {
+                        self.unsend(unsent);
+                        continue;
+                    }
                     self.upstream_lost(Signal::ConnectionLost, &e.to_string())
                         .await?;
                     if self.client_eof || self.ledger.quitting() {
@@ -536,6 +540,25 @@ impl Session {
         }
     }
 
+    /// The bytes a shared connection gave back unsent, if it did.
+    fn take_unsent(&mut self) -> Option<Bytes> {
+        match self.upstream.as_mut().map(|u| &mut u.link) {
+            Some(Link::Shared(link)) => link.unsent.take(),
+            _ => None,
+        }
+    }
+
+    /// A shared connection failed before writing any of this session's owed commands: they
+    /// never ran. They go back in front of what the client sent since, for the next member.
+    fn unsend(&mut self, unsent: Bytes) {
+        self.detach();
+        self.ledger.reattached();
+        let mut requests = BytesMut::from(&unsent[..]);
+        requests.extend_from_slice(&self.requests);
+        self.requests = requests;
+        self.request_scanner = RequestScanner::default();
+    }
+
     /// A strict switch, or a fence that closed, holds new commands.
     fn held(&self) -> bool {
         self.route_seen.paused || self.ctx.fence.as_ref().is_some_and(|f| !f.open())
@@ -705,6 +728,12 @@ impl Session {
                 };
                 if link.conn.send(batch) {
                     Ok(())
+                } else if self.ledger.in_flight() == replies {
+                    // Nothing else is owed: these never went out; they wait for the
+                    // next member.
+                    self.detach();
+                    self.ledger.reattached();
+                    return Ok(());
                 } else {
                     Err((Signal::ConnectionLost, "shared connection closed".into()))
                 }
@@ -1000,6 +1029,10 @@ async fn read_upstream(upstream: Option<&mut Upstream>, buf: &mut BytesMut) -> i
                 Ok(bytes.len())
             }
             Some(Delivery::Lost(why)) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+            Some(Delivery::NotSent(bytes)) => {
+                link.unsent = Some(bytes);
+                Err(io::ErrorKind::NotConnected.into())
+            }
             // The session holds a sender of its own inbox: never closed while it reads.
             None => std::future::pending().await,
         },

@@ -146,9 +146,18 @@ impl Session {
         let opened = match self.pools.clone() {
             Some(pools) if self.shareable_state() => {
                 let conn = pools.shared(&member, target, &self.ledger.state().shareable());
-                let mut shared = Upstream::shared(&member, target, conn);
-                shared.count_in(self.ctx.metrics.sessions_shared.clone());
-                Ok(shared)
+                let timeout = self.ctx.connect_timeout;
+                match tokio::time::timeout(timeout, conn.ready()).await {
+                    Ok(Ok(())) => {
+                        let mut shared = Upstream::shared(&member, target, conn);
+                        shared.count_in(self.ctx.metrics.sessions_shared.clone());
+                        Ok(shared)
+                    }
+                    Ok(Err(why)) => Err(upstream::UpstreamError::Io(std::io::Error::other(why))),
+                    Err(_) => Err(upstream::UpstreamError::Timeout(
+                        member.config.address.clone(),
+                    )),
+                }
             }
             Some(pools) => pools.pinned(&member, target, self.ledger.state()).await,
             None => {
@@ -251,13 +260,16 @@ impl Session {
         if !can {
             return;
         }
+        let (member, idx) = (pinned.to.clone(), pinned.member);
+        let state = self.ledger.state();
+        let conn = pools.shared(&member, idx, &state.shareable());
+        if !conn.is_ready() {
+            return; // stays pinned until the shared connection is open
+        }
         let Some(pinned) = self.upstream.take() else {
             return;
         };
-        let (member, idx) = (pinned.to.clone(), pinned.member);
-        let state = self.ledger.state();
         pools.put_idle(pinned, state);
-        let conn = pools.shared(&member, idx, &state.shareable());
         let mut shared = Upstream::shared(&member, idx, conn);
         shared.count_in(self.ctx.metrics.sessions_shared.clone());
         self.upstream = Some(shared);

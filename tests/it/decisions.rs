@@ -97,7 +97,10 @@ async fn a_killed_member_is_left_through_the_passive_path_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_kill_of_one_upstream_closes_that_client_and_switches_nothing() {
+    // The 1:1 model: the client has a member connection of its own to kill. (A shared
+    // connection killed is the proxy's, and its sessions go on: see `pool`.)
     let options = Options {
+        multiplex: Some(false),
         interval: RARE_CHECKS,
         ..Options::default()
     };
@@ -147,7 +150,9 @@ async fn client_kill_of_one_upstream_closes_that_client_and_switches_nothing() {
 async fn a_members_idle_timeout_closes_clients_as_redis_does_and_switches_nothing() {
     let east = RedisServer::start_with(&["--timeout", "1"]);
     let west = RedisServer::start();
+    // The 1:1 model, where each client has a member connection for the member to time out.
     let options = Options {
+        multiplex: Some(false),
         interval: RARE_CHECKS,
         ..Options::default()
     };

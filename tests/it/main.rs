@@ -10,6 +10,7 @@ mod differential;
 mod failover;
 mod limits;
 mod modes;
+mod multiplex;
 mod network;
 mod operations;
 mod python;

@@ -331,7 +331,10 @@ async fn a_session_that_published_survives_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quit_in_flight_on_a_hung_member_ends_the_session() {
     let member = RedisServer::start();
+    // The 1:1 model, where QUIT goes to the member. A shared session's QUIT is answered by
+    // geoproxy (it must not close a shared connection).
     let options = Options {
+        multiplex: Some(false),
         reply_timeout: "300ms",
         ..Options::default()
     };

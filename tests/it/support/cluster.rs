@@ -69,6 +69,15 @@ impl Drop for EtcdServer {
     }
 }
 
+/// `config` in the suite's mode (see [`super::proxy::multiplexed`]), unless it chooses.
+fn with_mode(config: &str) -> String {
+    if config.contains("multiplex =") {
+        return config.to_string();
+    }
+    let line = super::proxy::multiplex_line(None);
+    config.replacen("[proxy]\n", &format!("[proxy]\n{line}\n"), 1)
+}
+
 /// A geoproxy process (the built binary) on free ports, its log (debug) in a file.
 pub struct ProxyProcess {
     pub addr: SocketAddr,
@@ -89,7 +98,7 @@ impl ProxyProcess {
     /// As [`ProxyProcess::start`], with the admin API on `admin` (known to its peers).
     pub fn start_with_admin(config: &str, admin: u16) -> ProxyProcess {
         let port = free_port();
-        let text = config
+        let text = with_mode(config)
             .replace("{listen}", &format!("127.0.0.1:{port}"))
             .replace("{admin}", &format!("127.0.0.1:{admin}"));
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
@@ -128,7 +137,7 @@ impl ProxyProcess {
     /// Writes a new configuration to the process's file (`{listen}` and `{admin}` stand for
     /// its ports, as at start), for a reload.
     pub fn rewrite(&self, config: &str) {
-        let text = config
+        let text = with_mode(config)
             .replace("{listen}", &self.addr.to_string())
             .replace("{admin}", &self.admin.to_string());
         std::fs::write(self.config.path(), text).expect("rewrite config");

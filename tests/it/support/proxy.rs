@@ -44,6 +44,20 @@ pub struct Options {
     pub extra_member: &'static str,
     /// More tables at the end of the file (`[commands]`, say).
     pub extra_file: &'static str,
+    /// `proxy.multiplex`; `None`: as the suite runs (see [`multiplexed`]).
+    pub multiplex: Option<bool>,
+}
+
+/// The suite runs twice: 1:1 and with `proxy.multiplex = true` (`GEOPROXY_TEST_MULTIPLEX=1`,
+/// set by `scripts/test.sh` for its second run). A test of behaviour that exists only in one
+/// model says so in its `Options`.
+pub fn multiplexed() -> bool {
+    std::env::var("GEOPROXY_TEST_MULTIPLEX").is_ok_and(|v| v == "1")
+}
+
+/// The `[proxy]` line that puts a geoproxy config in the suite's mode.
+pub fn multiplex_line(choice: Option<bool>) -> String {
+    format!("multiplex = {}", choice.unwrap_or_else(multiplexed))
 }
 
 impl Default for Options {
@@ -68,6 +82,7 @@ impl Default for Options {
             apis: Vec::new(),
             extra_member: "",
             extra_file: "",
+            multiplex: None,
         }
     }
 }
@@ -85,6 +100,7 @@ unavailable_timeout = "{unavail}"
 connect_timeout = "{connect_timeout}"
 shutdown_timeout = "2s"
 threads = {threads}
+{multiplex}
 {extra}
 {region}
 [admin]
@@ -116,6 +132,7 @@ retry_reads = {retry_reads}
         after = o.failback_after,
         retry_reads = o.retry_reads,
         threads = o.threads,
+        multiplex = multiplex_line(o.multiplex),
         extra = o.extra_proxy,
         check_timeout = o.check_timeout,
         connect_timeout = o.connect_timeout,

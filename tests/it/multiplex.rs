@@ -1,0 +1,223 @@
+//! `proxy.multiplex = true`: sessions share member connections and pin one of their own
+//! only while they need it; sessions of different users, databases and protocols never
+//! share; a failover under many shared sessions gives each exactly its own errors.
+
+use std::time::Duration;
+
+use crate::support::eventually;
+use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
+use crate::support::redis_server::RedisServer;
+
+fn multiplexed() -> Options {
+    Options {
+        multiplex: Some(true),
+        ..Options::default()
+    }
+}
+
+/// Connections the member has from geoproxy's sessions (all but the health check's and the
+/// one this count itself uses): by `CLIENT LIST`, those whose last command was not the
+/// checker's (PING, COMMAND) or this CLIENT LIST.
+fn session_connections(member: &RedisServer) -> Vec<String> {
+    let list = match member.query(&["CLIENT", "LIST"]) {
+        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("CLIENT LIST answered {other:?}"),
+    };
+    list.lines()
+        .filter(|l| {
+            !["cmd=ping ", "cmd=command ", "cmd=client|list "]
+                .iter()
+                .any(|c| l.contains(c))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+async fn shared_sessions(proxy: &Proxy) -> f64 {
+    proxy.metric("geoproxy_sessions_shared").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sessions_share_one_connection_and_pin_only_while_they_need_it() {
+    let member = RedisServer::start();
+    let proxy = Proxy::start(&[("local", member.addr())], multiplexed()).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = Raw::connect(proxy.addr).await;
+        c.roundtrip(format!("SET k{i} v\r\n").as_bytes(), b"+OK\r\n")
+            .await;
+        clients.push(c);
+    }
+    assert_eq!(shared_sessions(&proxy).await, 20.0);
+    assert_eq!(
+        session_connections(&member).len(),
+        1,
+        "20 sessions, one member connection: {:?}",
+        session_connections(&member)
+    );
+
+    // A transaction pins for its length, then the session shares again.
+    let c = &mut clients[0];
+    c.roundtrip(b"MULTI\r\nINCR n\r\n", b"+OK\r\n+QUEUED\r\n")
+        .await;
+    assert_eq!(shared_sessions(&proxy).await, 19.0);
+    c.roundtrip(b"EXEC\r\nGET k0\r\n", b"*1\r\n:1\r\n$1\r\nv\r\n")
+        .await;
+    assert_eq!(shared_sessions(&proxy).await, 20.0);
+
+    // The transaction's connection waited in the idle pool for the next one: a second
+    // transaction with the same state opens no connection.
+    let connections = |m: &RedisServer| -> u64 {
+        m.info_field("stats", "total_connections_received")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = connections(&member);
+    clients[7]
+        .roundtrip(b"MULTI\r\nEXEC\r\n", b"+OK\r\n*0\r\n")
+        .await;
+    assert_eq!(connections(&member), before + 1, "only the count's own");
+
+    // A blocking pop pins while it blocks.
+    clients[1].send(b"BLPOP q 0\r\n").await;
+    crate::support::wait_blocked(&member, 1).await;
+    assert_eq!(shared_sessions(&proxy).await, 19.0);
+    clients[2].roundtrip(b"RPUSH q job\r\n", b":1\r\n").await;
+    clients[1]
+        .roundtrip(b"", b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n")
+        .await;
+    clients[1].roundtrip(b"GET k1\r\n", b"$1\r\nv\r\n").await;
+    assert_eq!(shared_sessions(&proxy).await, 20.0);
+
+    // A subscription pins until nothing is subscribed; messages reach it meanwhile.
+    clients[3]
+        .roundtrip(
+            b"SUBSCRIBE ch\r\n",
+            b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+        )
+        .await;
+    assert_eq!(shared_sessions(&proxy).await, 19.0);
+    clients[4].roundtrip(b"PUBLISH ch hi\r\n", b":1\r\n").await;
+    clients[3]
+        .roundtrip(b"", b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n")
+        .await;
+    clients[3]
+        .roundtrip(
+            b"UNSUBSCRIBE ch\r\nGET k3\r\n",
+            b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n$1\r\nv\r\n",
+        )
+        .await;
+    assert_eq!(shared_sessions(&proxy).await, 20.0);
+
+    // MONITOR keeps its connection for good.
+    clients[5].roundtrip(b"MONITOR\r\n", b"+OK\r\n").await;
+    assert_eq!(shared_sessions(&proxy).await, 19.0);
+    clients[6].roundtrip(b"GET k6\r\n", b"$1\r\nv\r\n").await;
+    let line = String::from_utf8(clients[5].read_until(b"\r\n").await).unwrap();
+    assert!(line.contains("\"GET\" \"k6\""), "{line}");
+
+    for reason in ["transaction", "blocking", "pubsub", "monitor"] {
+        let sample = format!("geoproxy_pins_total{{reason=\"{reason}\"}}");
+        assert!(proxy.metric(&sample).await >= 1.0, "{sample}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_different_users_databases_and_protocols_never_share() {
+    let member = RedisServer::start();
+    member.query(&["ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all"]);
+    let proxy = Proxy::start(&[("local", member.addr())], multiplexed()).await;
+    let mut plain = Raw::connect(proxy.addr).await;
+    let mut db1 = Raw::connect(proxy.addr).await;
+    let mut alice = Raw::connect(proxy.addr).await;
+    let mut resp3 = Raw::connect(proxy.addr).await;
+    db1.roundtrip(b"SELECT 1\r\n", b"+OK\r\n").await;
+    alice
+        .roundtrip(
+            b"AUTH alice wrong\r\n",
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        )
+        .await;
+    alice
+        .roundtrip(b"AUTH alice alice-pw\r\n", b"+OK\r\n")
+        .await;
+    resp3.hello("3").await;
+    plain.roundtrip(b"SET k db0\r\n", b"+OK\r\n").await;
+    db1.roundtrip(b"SET k db1\r\n", b"+OK\r\n").await;
+    alice.roundtrip(b"ACL WHOAMI\r\n", b"$5\r\nalice\r\n").await;
+    resp3.roundtrip(b"GET k\r\n", b"$3\r\ndb0\r\n").await;
+    plain
+        .roundtrip(b"ACL WHOAMI\r\n", b"$7\r\ndefault\r\n")
+        .await;
+    db1.roundtrip(b"GET k\r\n", b"$3\r\ndb1\r\n").await;
+    resp3.roundtrip(b"HGETALL nothing\r\n", b"%0\r\n").await;
+    plain.roundtrip(b"HGETALL nothing\r\n", b"*0\r\n").await;
+    assert_eq!(shared_sessions(&proxy).await, 4.0);
+    // Four shared connections, one per state (pinned ones may wait idle beside them).
+    let gauge = "geoproxy_member_connections{kind=\"shared\",member=\"local\"}";
+    assert_eq!(proxy.metric(gauge).await, 4.0);
+    let list = session_connections(&member).join("\n");
+    for state in ["user=alice", "db=1", "resp=3"] {
+        assert!(list.contains(state), "no connection with {state}:\n{list}");
+    }
+}
+
+/// A failover under 200 shared sessions, each with a pipeline in flight on a hung member:
+/// each gets exactly its own `-OUTCOMEUNKNOWN`s, in order, and goes on on the next member;
+/// nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_200_shared_sessions_gives_each_its_own_errors() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        multiplex: Some(true),
+        reply_timeout: "300ms",
+        max_clients: 1000,
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&two(&east, &west), options).await;
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let mut c = Raw::connect(proxy.addr).await;
+        c.roundtrip(
+            format!("INCR c{i}\r\nINCR c{i}\r\n").as_bytes(),
+            b":1\r\n:2\r\n",
+        )
+        .await;
+        clients.push(c);
+    }
+    assert_eq!(session_connections(&east).len(), 1);
+    east.stop();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(format!("INCR c{i}\r\nINCR c{i}\r\nINCR c{i}\r\n").as_bytes())
+            .await;
+    }
+    wait_active(&proxy, "eu-west").await;
+    for c in clients.iter_mut() {
+        for _ in 0..3 {
+            c.read_outcome_unknown("us-east").await;
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.roundtrip(format!("INCR c{i}\r\n").as_bytes(), b":1\r\n")
+            .await;
+    }
+    east.cont();
+    // What was acknowledged is on us-east: at least 2 for every counter.
+    let east = &east;
+    eventually(
+        Duration::from_secs(5),
+        "us-east answers again",
+        || async move { east.info_field("server", "redis_version").is_some() },
+    )
+    .await;
+    for i in 0..200 {
+        let n = match east.query(&["GET", &format!("c{i}")]) {
+            redis::Value::BulkString(b) => String::from_utf8(b).unwrap().parse::<u32>().unwrap(),
+            other => panic!("c{i}: {other:?}"),
+        };
+        assert!(n >= 2, "c{i} = {n}: an acknowledged INCR was lost");
+    }
+}
