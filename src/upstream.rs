@@ -36,12 +36,16 @@ pub enum UpstreamError {
     /// this member, a database it does not have).
     #[error("member rejected the session state: {0}")]
     Rejected(String),
+    /// This process could not make a connection at all (out of file descriptors, of
+    /// buffers): nothing is known of the member.
+    #[error("cannot open a socket here: {0}")]
+    Local(io::Error),
 }
 
 impl UpstreamError {
     /// Does this error say the member cannot serve (a passive health signal)?
     pub fn is_member_failure(&self) -> bool {
-        !matches!(self, UpstreamError::Rejected(_))
+        !matches!(self, UpstreamError::Rejected(_) | UpstreamError::Local(_))
     }
 }
 
@@ -216,12 +220,16 @@ pub async fn open(
 /// host of `host:port` is resolved now.
 pub async fn connect(member: &MemberConfig) -> Result<Stream, UpstreamError> {
     let address = &member.address;
-    let tcp = TcpStream::connect(address)
-        .await
-        .map_err(|source| UpstreamError::Connect {
-            address: address.clone(),
-            source,
-        })?;
+    let tcp = TcpStream::connect(address).await.map_err(|source| {
+        if is_local_exhaustion(&source) {
+            UpstreamError::Local(source)
+        } else {
+            UpstreamError::Connect {
+                address: address.clone(),
+                source,
+            }
+        }
+    })?;
     tcp.set_nodelay(true)?;
     match &member.tls {
         None => Ok(Stream::Tcp(tcp)),
@@ -230,6 +238,12 @@ pub async fn connect(member: &MemberConfig) -> Result<Stream, UpstreamError> {
             source,
         }),
     }
+}
+
+/// Out of file descriptors or kernel buffers in this process or host (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM): the connect never reached the member, so it says nothing about it.
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
 /// Reads the next reply frame (pushes skipped) and returns its bytes; bytes after it stay in
@@ -261,4 +275,26 @@ async fn read_frame(
 pub fn error_line(reply: &[u8]) -> String {
     let line = reply.split(|&b| b == b'\r').next().unwrap_or_default();
     String::from_utf8_lossy(line.get(1..).unwrap_or_default()).into_owned()
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    /// Out of descriptors or buffers here says nothing about the member; a refusal does.
+    #[test]
+    fn local_exhaustion_is_not_a_member_failure() {
+        for errno in [24, 23, 105, 12] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(is_local_exhaustion(&e), "errno {errno}");
+            assert!(!UpstreamError::Local(e).is_member_failure());
+        }
+        let refused = io::Error::from_raw_os_error(111);
+        assert!(!is_local_exhaustion(&refused));
+        let e = UpstreamError::Connect {
+            address: "a:1".into(),
+            source: refused,
+        };
+        assert!(e.is_member_failure());
+    }
 }
