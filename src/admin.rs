@@ -52,7 +52,7 @@ pub struct AdminState {
     /// Reload requests, to the reloader.
     pub reloads: mpsc::Sender<Reload>,
     /// An operation is being decided: another one gets 409.
-    pub switching: AtomicBool,
+    pub operating: AtomicBool,
     /// Members drained by an operator, as the router published them.
     pub drained: Arc<DrainedCell>,
     pub history: Arc<History>,
@@ -295,20 +295,11 @@ async fn operate(s: &AdminState, id: &str, op: fn(usize) -> Operation) -> Respon
         return error(StatusCode::NOT_FOUND, "unknown_member", &why);
     };
     let op = op(idx);
-    if s.switching.swap(true, Ordering::AcqRel) {
+    let outcome = one_at_a_time(s, &s.operations, |reply| OperatorRequest { op, reply });
+    let Some(outcome) = outcome.await else {
         let why = "another operation is being decided";
         return error(StatusCode::CONFLICT, "switch_in_progress", why);
-    }
-    let (reply, outcome) = oneshot::channel();
-    let asked = s.operations.send(OperatorRequest { op, reply }).await;
-    let outcome = match asked {
-        Ok(()) => tokio::time::timeout(OPERATION_TIMEOUT, outcome)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        Err(_) => None,
     };
-    s.switching.store(false, Ordering::Release);
     let name = op.name();
     match outcome {
         Some(Ok(route)) => {
@@ -349,20 +340,11 @@ async fn reload(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respons
     if let Some(denied) = authorize(&s, &headers) {
         return denied;
     }
-    if s.switching.swap(true, Ordering::AcqRel) {
+    let outcome = one_at_a_time(&s, &s.reloads, |reply| Reload { reply: Some(reply) });
+    let Some(outcome) = outcome.await else {
         let why = "another operation is being carried out";
         return error(StatusCode::CONFLICT, "operation_in_progress", why);
-    }
-    let (reply, outcome) = oneshot::channel();
-    let asked = s.reloads.send(Reload { reply: Some(reply) }).await;
-    let outcome = match asked {
-        Ok(()) => tokio::time::timeout(OPERATION_TIMEOUT, outcome)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        Err(_) => None,
     };
-    s.switching.store(false, Ordering::Release);
     match outcome {
         Some(Ok(done)) => {
             s.metrics.operation("reload");
@@ -380,6 +362,29 @@ async fn reload(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respons
             "the reloader did not answer (shutting down?)",
         ),
     }
+}
+
+/// Sends a request (made around its reply channel) to the control task behind `to` and
+/// waits, bounded, for its outcome, one operation at a time. `None`: another operation is
+/// under way; `Some(None)`: the task did not answer (shutting down?).
+async fn one_at_a_time<T, R>(
+    s: &AdminState,
+    to: &mpsc::Sender<T>,
+    request: impl FnOnce(oneshot::Sender<R>) -> T,
+) -> Option<Option<R>> {
+    if s.operating.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    let (reply, outcome) = oneshot::channel();
+    let outcome = match to.send(request(reply)).await {
+        Ok(()) => tokio::time::timeout(OPERATION_TIMEOUT, outcome)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(_) => None,
+    };
+    s.operating.store(false, Ordering::Release);
+    Some(outcome)
 }
 
 /// `None` when the request may write; else the 401 to answer.

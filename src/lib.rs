@@ -264,7 +264,7 @@ impl Server {
                 operations: operations_tx,
                 reloads: reloads_tx,
                 drained: drained.clone(),
-                switching: AtomicBool::new(false),
+                operating: AtomicBool::new(false),
                 history: history.clone(),
                 gate,
                 matrix,

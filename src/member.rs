@@ -421,11 +421,6 @@ impl Members {
         self.iter().find(|(_, m)| m.id() == id).map(|(i, _)| i)
     }
 
-    /// Is slot `idx` a configured member (not one a reload removed)?
-    pub fn is_configured(&self, idx: MemberIdx) -> bool {
-        self.preference.contains(&idx)
-    }
-
     /// Every slot ever used (the size of per-slot tables).
     pub fn slots(&self) -> usize {
         self.list.len()
@@ -484,11 +479,6 @@ impl Roster {
     pub fn member(&self, idx: MemberIdx) -> Arc<Member> {
         self.0.borrow().shared(idx)
     }
-
-    /// Tells when a reload publishes a generation.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Members>> {
-        self.0.subscribe()
-    }
 }
 
 #[cfg(test)]
@@ -542,7 +532,7 @@ mod tests {
         assert!(Arc::ptr_eq(&first.shared(0), &next.shared(0)));
         assert_eq!(next.get(4).config.address, "h:9");
         assert_eq!(next.get(2).config.address, "h:3");
-        assert!(!next.is_configured(1) && !next.is_configured(2));
+        assert!(!next.preference().contains(&1) && !next.preference().contains(&2));
         assert_eq!((next.find("c"), next.find("b")), (Some(4), None));
         assert_eq!(next.slots(), 5);
         // The same file again changes nothing; a new order is only a reorder.

@@ -66,7 +66,7 @@ pub enum Delivery {
     NotSent(Bytes),
 }
 
-/// One shared connection, as sessions see it.
+/// One shared connection (a *shared upstream*), as sessions see it.
 pub struct SharedConn {
     batches: mpsc::UnboundedSender<Batch>,
     alive: AtomicBool,
@@ -87,9 +87,12 @@ impl SharedConn {
         }
     }
 
-    /// Queues a batch. False when the connection is gone (the batch never went out).
-    pub fn send(&self, batch: Batch) -> bool {
-        self.alive() && self.batches.send(batch).is_ok()
+    /// Queues a batch; gives it back when the connection is gone (it never went out).
+    pub fn send(&self, batch: Batch) -> Result<(), Batch> {
+        if !self.alive() {
+            return Err(batch);
+        }
+        self.batches.send(batch).map_err(|e| e.0)
     }
 
     /// Open and ready now (never waits).
@@ -160,9 +163,10 @@ impl Pools {
         }
     }
 
-    /// A shared connection to `member` in the connection state `state` (only its
-    /// protocol, credentials and database: what a shared session may have). Opened (in the
-    /// background; batches queue meanwhile) when the key has fewer than its share.
+    /// A shared connection (DESIGN's *shared upstream*) to `member` in the connection state
+    /// `state` (only its protocol, credentials and database: what a shared session may
+    /// have). Opened in the background when the key has fewer than its share; a session
+    /// joins it once [`SharedConn::ready`].
     pub fn shared(
         &self,
         member: &Arc<Member>,

@@ -180,8 +180,8 @@ impl Reloader {
         let (generation, changes) =
             current.next(&next.members, next.health.policy, &slots, proxy_auth, now);
         if !changes.is_empty() || changes.reordered || health_changed {
-            for (idx, m) in current.iter() {
-                if !generation.is_configured(idx) && generation.find(m.id()).is_none() {
+            for (_, m) in current.iter() {
+                if generation.find(m.id()).is_none() {
                     let checks = m.slots();
                     self.metrics
                         .forget_member(m.id(), checks.iter().map(|s| s.name.as_str()));

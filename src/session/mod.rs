@@ -718,28 +718,28 @@ impl Session {
                     route: route_open.then_some(route),
                     route_seen,
                 };
-                member.write(stream, &requests[..end]).await
+                let written = member.write(stream, &requests[..end]).await;
+                requests.advance(end);
+                written
             }
             Link::Shared(link) => {
+                // The batch leaves the request buffer without a copy.
                 let batch = Batch {
-                    bytes: Bytes::copy_from_slice(&requests[..end]),
+                    bytes: requests.split_to(end).freeze(),
                     replies,
                     owner: link.owner.clone(),
                 };
-                if link.conn.send(batch) {
-                    Ok(())
-                } else if self.ledger.in_flight() == replies {
-                    // Nothing else is owed: these never went out; they wait for the
-                    // next member.
-                    self.detach();
-                    self.ledger.reattached();
-                    return Ok(());
-                } else {
-                    Err((Signal::ConnectionLost, "shared connection closed".into()))
+                match link.conn.send(batch) {
+                    Ok(()) => Ok(()),
+                    // Nothing else is owed: these never went out.
+                    Err(batch) if self.ledger.in_flight() == replies => {
+                        self.unsend(batch.bytes);
+                        return Ok(());
+                    }
+                    Err(_) => Err((Signal::ConnectionLost, "shared connection closed".into())),
                 }
             }
         };
-        self.requests.advance(end);
         if let Some(c) = &self.commands {
             c.inc_by(n);
         }

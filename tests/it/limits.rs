@@ -128,11 +128,7 @@ async fn a_failed_move_backs_off() {
     raw.roundtrip(b"SELECT 5\r\n", b"+OK\r\n").await;
     east.restart();
     wait_active(&proxy, "us-east").await;
-    let connections = |m: &RedisServer| -> u64 {
-        m.info_field("stats", "total_connections_received")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let connections = RedisServer::connections_received;
     let before = connections(&east);
     let started = std::time::Instant::now();
     for _ in 0..300 {

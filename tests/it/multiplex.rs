@@ -8,7 +8,7 @@ use crate::support::eventually;
 use crate::support::proxy::{two, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
 
-fn multiplexed() -> Options {
+fn shared_options() -> Options {
     Options {
         multiplex: Some(true),
         ..Options::default()
@@ -41,7 +41,7 @@ async fn shared_sessions(proxy: &Proxy) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sessions_share_one_connection_and_pin_only_while_they_need_it() {
     let member = RedisServer::start();
-    let proxy = Proxy::start(&[("local", member.addr())], multiplexed()).await;
+    let proxy = Proxy::start(&[("local", member.addr())], shared_options()).await;
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut c = Raw::connect(proxy.addr).await;
@@ -68,12 +68,7 @@ async fn twenty_sessions_share_one_connection_and_pin_only_while_they_need_it() 
 
     // The transaction's connection waited in the idle pool for the next one: a second
     // transaction with the same state opens no connection.
-    let connections = |m: &RedisServer| -> u64 {
-        m.info_field("stats", "total_connections_received")
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let connections = RedisServer::connections_received;
     let before = connections(&member);
     clients[7]
         .roundtrip(b"MULTI\r\nEXEC\r\n", b"+OK\r\n*0\r\n")
@@ -128,7 +123,7 @@ async fn twenty_sessions_share_one_connection_and_pin_only_while_they_need_it() 
 async fn sessions_of_different_users_databases_and_protocols_never_share() {
     let member = RedisServer::start();
     member.query(&["ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all"]);
-    let proxy = Proxy::start(&[("local", member.addr())], multiplexed()).await;
+    let proxy = Proxy::start(&[("local", member.addr())], shared_options()).await;
     let mut plain = Raw::connect(proxy.addr).await;
     let mut db1 = Raw::connect(proxy.addr).await;
     let mut alice = Raw::connect(proxy.addr).await;

@@ -269,13 +269,7 @@ async fn proxy_auth_answers_as_redis_and_opens_no_member_connection_before_it() 
     )
     .await;
     let oracle_addr: SocketAddr = oracle.addr().parse().unwrap();
-    let connections = || {
-        member
-            .info_field("stats", "total_connections_received")
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
+    let connections = || member.connections_received();
     // Refused attempts open nothing on the member (the query itself opens one).
     let before = connections();
     let refused = b"GET k\r\nHELLO 3\r\nMULTI\r\nAUTH wrong\r\nAUTH a b c\r\nAUTH\r\n\

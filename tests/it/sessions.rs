@@ -390,13 +390,7 @@ async fn no_member_connection_before_the_first_command() {
         ..Options::default()
     };
     let proxy = Proxy::start(&[("local", member.addr())], options).await;
-    let connections = || {
-        member
-            .info_field("stats", "total_connections_received")
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
+    let connections = || member.connections_received();
     let before = connections();
     let mut idle = Vec::new();
     for _ in 0..20 {

@@ -106,6 +106,14 @@ impl RedisServer {
             .find_map(|l| Some(l.strip_prefix(&prefix)?.trim().to_string()))
     }
 
+    /// Connections the server has accepted since it started (`total_connections_received`),
+    /// the one this question opens included.
+    pub fn connections_received(&self) -> u64 {
+        let n = self.info_field("stats", "total_connections_received");
+        n.and_then(|n| n.parse().ok())
+            .expect("INFO stats has total_connections_received")
+    }
+
     /// Runs one command on a fresh connection straight to this server
     /// (AUTHs first if started with `--requirepass`). Panics on any error.
     pub fn query(&self, args: &[&str]) -> redis::Value {
