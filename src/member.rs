@@ -346,38 +346,31 @@ impl Members {
         let mut preference = Vec::with_capacity(configs.len());
         let mut changes = MemberChanges::default();
         for c in configs {
-            let kept = self.find(&c.id);
-            let same = kept.filter(|&i| {
-                let m = &self.list[i];
-                m.config == *c && m.proxy_auth == proxy_auth
-            });
-            match (kept, same) {
-                (_, Some(i)) => {
+            match self.find(&c.id) {
+                Some(i) if self.list[i].config == *c && self.list[i].proxy_auth == proxy_auth => {
                     self.list[i].reconfigure(policy, slots, now);
                     preference.push(i);
                 }
-                (found, None) => {
-                    if found.is_some() {
-                        changes.changed.push(c.id.clone());
+                found => {
+                    let kind = if found.is_some() {
+                        &mut changes.changed
                     } else {
-                        changes.added.push(c.id.clone());
-                    }
+                        &mut changes.added
+                    };
+                    kind.push(c.id.clone());
                     preference.push(list.len());
                     list.push(Arc::new(Member::new(c, policy, slots, proxy_auth, now)));
                 }
             }
         }
-        for m in self.iter().map(|(_, m)| m) {
+        for (_, m) in self.iter() {
             if !configs.iter().any(|c| c.id == m.id()) {
                 changes.removed.push(m.id().to_string());
             }
         }
-        changes.reordered = {
-            let ids = |p: &[MemberIdx], l: &[Arc<Member>]| -> Vec<String> {
-                p.iter().map(|&i| l[i].id().to_string()).collect()
-            };
-            changes.is_empty() && ids(&preference, &list) != ids(&self.preference, &self.list)
-        };
+        // With no member added, removed or changed, every slot is kept: only the order can
+        // differ.
+        changes.reordered = changes.is_empty() && preference != self.preference;
         let next = Arc::new(Members {
             list,
             preference,
