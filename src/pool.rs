@@ -32,7 +32,7 @@ use tracing::debug;
 use crate::member::{Member, MemberIdx, Signal};
 use crate::metrics::Metrics;
 use crate::resp::reply::ReplyScanner;
-use crate::session::state::SessionState;
+use crate::session::state::{Attributes, SessionState};
 use crate::stream::Stream;
 use crate::upstream::{self, Upstream};
 
@@ -133,9 +133,11 @@ impl Key {
     }
 }
 
-/// An idle pinned connection.
+/// An idle pinned connection, kept under its shareable state.
 struct Idle {
     upstream: Upstream,
+    /// Its name and library, from its last session.
+    attributes: Attributes,
     since: Instant,
 }
 
@@ -201,20 +203,32 @@ impl Pools {
         conn
     }
 
-    /// A pinned connection to `member` with the session's `state`: an idle one with
-    /// exactly that state if one is still open (checked with a `PING` when it has been idle
-    /// a while), else a new one with the state replayed.
+    /// A shared connection to member `idx` in the connection state `state` that is open
+    /// now (its state, credentials included, accepted by the member), if there is one.
+    /// Never opens one.
+    pub fn open_shared(&self, idx: MemberIdx, state: &SessionState) -> Option<Arc<SharedConn>> {
+        let key = Key::new(idx, state);
+        let inner = self.lock();
+        let conns = inner.shared.get(&key)?;
+        conns.iter().find(|c| c.alive() && c.is_ready()).cloned()
+    }
+
+    /// A pinned connection to `member` with the session's `state`: an idle one with the
+    /// same protocol, credentials and database if one is still open (given the session's
+    /// name and library, or checked with a `PING` when it has been idle a while), else a
+    /// new one with the state replayed.
     pub async fn pinned(
         &self,
         member: &Arc<Member>,
         idx: MemberIdx,
         state: &SessionState,
     ) -> Result<Upstream, upstream::UpstreamError> {
-        let key = Key::new(idx, state);
+        let key = Key::new(idx, &state.shareable());
         loop {
             let idle = self.lock().idle.get_mut(&key).and_then(Vec::pop);
             let Some(Idle {
                 mut upstream,
+                attributes,
                 since,
             }) = idle
             else {
@@ -226,13 +240,26 @@ impl Pools {
             if !stream.is_idle() {
                 continue; // closed by the member (its `timeout`), or worse
             }
-            if since.elapsed() > IDLE_CHECK_AFTER {
-                let check = async {
-                    stream.send(upstream::PING).await?;
-                    upstream::read_reply(stream, &mut BytesMut::new()).await
+            let (mut commands, replies) = state.attribute_commands(&attributes);
+            if replies == 0 && since.elapsed() > IDLE_CHECK_AFTER {
+                commands = upstream::PING.to_vec();
+            }
+            if !commands.is_empty() {
+                let prepare = async {
+                    stream.send(&commands).await?;
+                    let mut buf = BytesMut::new();
+                    for _ in 0..replies.max(1) {
+                        let reply = upstream::read_reply(stream, &mut buf).await?;
+                        if replies > 0 && matches!(reply.first(), Some(b'-' | b'!')) {
+                            return Err(upstream::UpstreamError::Rejected(upstream::error_line(
+                                &reply,
+                            )));
+                        }
+                    }
+                    Ok(())
                 };
                 let timeout = self.settings.connect_timeout;
-                if !matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(_))) {
+                if !matches!(tokio::time::timeout(timeout, prepare).await, Ok(Ok(()))) {
                     continue;
                 }
             }
@@ -244,7 +271,8 @@ impl Pools {
 
     /// Keeps a pinned connection whose session shares again, if there is room for it.
     pub fn put_idle(&self, upstream: Upstream, state: &SessionState) {
-        let key = Key::new(upstream.member, state);
+        let key = Key::new(upstream.member, &state.shareable());
+        let attributes = state.attributes();
         let mut inner = self.lock();
         let member = upstream.member;
         let kept: usize = inner
@@ -255,11 +283,11 @@ impl Pools {
             .sum();
         if kept < self.settings.idle {
             let since = Instant::now();
-            inner
-                .idle
-                .entry(key)
-                .or_default()
-                .push(Idle { upstream, since });
+            inner.idle.entry(key).or_default().push(Idle {
+                upstream,
+                attributes,
+                since,
+            });
         }
     }
 

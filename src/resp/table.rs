@@ -111,6 +111,9 @@ pub struct CommandTable {
     extra_blocking: HashSet<Vec<u8>>,
     /// Pub/sub commands the built-in classification does not know (modules).
     extra_pubsub: HashSet<Vec<u8>>,
+    /// The member has `CLIENT SETINFO` (Redis 7.2 and later): a shared session's
+    /// `CLIENT SETINFO` can be answered by the proxy as the member would.
+    pub client_setinfo: bool,
     /// Total commands in the member's table (0 for the built-in fallback).
     pub len: usize,
 }
@@ -146,6 +149,15 @@ impl CommandTable {
                 continue;
             };
             let name = name.to_ascii_lowercase();
+            if name == b"client" {
+                // Its subcommands (Redis 7): the tenth field, entries named `client|...`.
+                if let Some(OwnedFrame::Array(subcommands)) = fields.get(9) {
+                    table.client_setinfo = subcommands.iter().any(|sub| {
+                        matches!(sub, OwnedFrame::Array(f) if matches!(f.first(),
+                            Some(OwnedFrame::BulkString(n)) if n.eq_ignore_ascii_case(b"client|setinfo")))
+                    });
+                }
+            }
             let has = |flag: &str| {
                 flags.iter().any(|f| {
                     matches!(f, OwnedFrame::SimpleString(s) | OwnedFrame::BulkString(s) if s == flag.as_bytes())
@@ -205,6 +217,7 @@ mod tests {
             *3\r\n$8\r\nmy.bwait\r\n:2\r\n*2\r\n+readonly\r\n+blocking\r\n";
         let t = CommandTable::parse(reply).unwrap();
         assert_eq!(t.len, 5);
+        assert!(!t.client_setinfo);
         // PUBLISH is flagged `pubsub` but answers once: not a streaming command.
         assert!(!t.is_module_streaming(b"PUBLISH"));
         assert!(!t.is_module_streaming(b"spublish"));
@@ -213,5 +226,21 @@ mod tests {
         assert!(t.is_module_streaming(b"MY.BWAIT"));
         assert!(!t.is_module_streaming(b"get"));
         assert!(CommandTable::parse(b"+OK\r\n").is_none());
+    }
+
+    #[test]
+    fn knows_whether_the_member_has_client_setinfo() {
+        let client = |sub: &str| {
+            format!(
+                "*1\r\n*10\r\n$6\r\nclient\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*0\r\n*0\r\n*0\r\n\
+                 *1\r\n*3\r\n${}\r\n{sub}\r\n:-3\r\n*0\r\n",
+                sub.len()
+            )
+        };
+        let t = CommandTable::parse(client("client|setinfo").as_bytes()).unwrap();
+        assert!(t.client_setinfo);
+        let t = CommandTable::parse(client("client|setname").as_bytes()).unwrap();
+        assert!(!t.client_setinfo);
+        assert!(!CommandTable::builtin().client_setinfo);
     }
 }

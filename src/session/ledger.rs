@@ -346,6 +346,13 @@ impl Ledger {
         owed
     }
 
+    /// A change the proxy answered for the member (a shared session's `CLIENT SETNAME`, an
+    /// `AUTH` already proven on a shared connection): nothing is in flight.
+    pub fn accepted_locally(&mut self, change: Change) {
+        debug_assert!(self.queue.is_empty());
+        self.state.apply(change);
+    }
+
     /// A new upstream with the accepted state replayed: nothing in flight, a fresh view.
     pub fn reattached(&mut self) {
         self.queue.clear();

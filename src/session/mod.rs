@@ -51,6 +51,7 @@ use crate::upstream::{Link, Upstream};
 use ledger::{needs_args, Command, Frame, Ledger};
 use moving::AwaitingVerdict;
 use policy::{Rules, Screen, Standing};
+use state::Change;
 use timers::{block_deadline, Backoff, Durations, Timer};
 use transaction::Broken;
 
@@ -763,7 +764,9 @@ impl Session {
         let kind = match local {
             Local::Kind(kind) if self.must_pin(kind) && kind != Kind::Quit => {
                 if !self.answers_locally(kind) && !self.held() {
-                    self.pin(kind_label(kind)).await?;
+                    if !self.answer_for_member(len, kind).await? {
+                        self.pin(kind_label(kind)).await?;
+                    }
                     return Ok(true);
                 }
                 kind
@@ -820,6 +823,52 @@ impl Session {
             self.request_scanner = RequestScanner::default();
         }
         self.write_client(&reply).await?;
+        Ok(true)
+    }
+
+    /// Answers, as its member would, a command of a shared session that would otherwise
+    /// pin: `CLIENT SETNAME` and `SETINFO` (the session keeps them, and they are replayed
+    /// when it pins), and `AUTH` with credentials that an open shared connection has
+    /// already proven (the member checks each credential once, on the shared connection
+    /// opened for it; a session learns nothing of credentials it did not send). Returns
+    /// whether it did.
+    async fn answer_for_member(&mut self, len: usize, kind: Kind) -> Result<bool, SessionError> {
+        let (Some(upstream), Some(pools)) = (&self.upstream, &self.pools) else {
+            return Ok(false);
+        };
+        if !matches!(kind, Kind::Client | Kind::Auth) {
+            return Ok(false);
+        }
+        let args = request::args(&self.requests[..len], false);
+        if args.first().map(|name| classify(name)) != Some(kind) {
+            return Ok(false); // rewritten by the policy: the member answers
+        }
+        let (member, idx) = (upstream.to.clone(), upstream.member);
+        let mut proven = None;
+        let change = match kind {
+            Kind::Client => Change::attribute(&args, member.command_table().client_setinfo),
+            _ => match Change::of(kind, &args) {
+                Some(Change::Auth(credentials)) => {
+                    let mut state = self.ledger.state().shareable();
+                    state.auth = Some(credentials.clone());
+                    proven = pools.open_shared(idx, &state);
+                    proven.is_some().then_some(Change::Auth(credentials))
+                }
+                _ => None,
+            },
+        };
+        let Some(change) = change else {
+            return Ok(false);
+        };
+        self.ledger.accepted_locally(change);
+        if let Some(conn) = proven {
+            // Its connection state changed: the shared connection of its new credentials.
+            let mut shared = Upstream::shared(&member, idx, conn);
+            shared.count_in(self.ctx.metrics.sessions_shared.clone());
+            self.upstream = Some(shared);
+        }
+        self.requests.advance(len);
+        self.write_client(b"+OK\r\n").await?;
         Ok(true)
     }
 

@@ -1,5 +1,5 @@
 //! The session state a client builds on its connection, which must follow it to a new
-//! upstream: AUTH, HELLO (protocol, SETNAME), SELECT, CLIENT SETNAME.
+//! upstream: AUTH, HELLO (protocol, SETNAME), SELECT, CLIENT SETNAME and SETINFO.
 //!
 //! A state-changing command updates [`SessionState`] only once the member replied without
 //! an error, so the state replayed is always one a member accepted.
@@ -21,6 +21,9 @@ pub struct SessionState {
     pub db: Option<Vec<u8>>,
     /// Connection name (CLIENT SETNAME, HELLO SETNAME).
     pub name: Option<Vec<u8>>,
+    /// `CLIENT SETINFO LIB-NAME` and `LIB-VER`.
+    pub lib_name: Option<Vec<u8>>,
+    pub lib_ver: Option<Vec<u8>>,
     /// CLIENT REPLY OFF is in force: the member answers nothing.
     pub reply_off: bool,
     /// Client-side caching: the options of `CLIENT TRACKING ON`, if on.
@@ -36,6 +39,14 @@ impl fmt::Debug for SessionState {
             .field("resp3", &self.resp3)
             .field("db", &self.db.as_deref().map(String::from_utf8_lossy))
             .field("name", &self.name.as_deref().map(String::from_utf8_lossy))
+            .field(
+                "lib_name",
+                &self.lib_name.as_deref().map(String::from_utf8_lossy),
+            )
+            .field(
+                "lib_ver",
+                &self.lib_ver.as_deref().map(String::from_utf8_lossy),
+            )
             .field("reply_off", &self.reply_off)
             .field("tracking", &self.tracking.is_some())
             .field(
@@ -50,6 +61,16 @@ impl fmt::Debug for SessionState {
     }
 }
 
+/// What a connection carries beyond a shared connection's state (protocol, credentials,
+/// database): its name and library, which a pinned connection taken from the idle pool is
+/// given for its new session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
+    pub name: Option<Vec<u8>>,
+    pub lib_name: Option<Vec<u8>>,
+    pub lib_ver: Option<Vec<u8>>,
+}
+
 /// A change to apply once the member has accepted the command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -61,6 +82,11 @@ pub enum Change {
         name: Option<Vec<u8>>,
     },
     SetName(Vec<u8>),
+    /// `CLIENT SETINFO LIB-NAME|LIB-VER value` (`lib_ver`: which of the two).
+    SetInfo {
+        lib_ver: bool,
+        value: Vec<u8>,
+    },
     /// `CLIENT TRACKING ON <options>` (the options) or `OFF` (`None`).
     Tracking(Option<Vec<Vec<u8>>>),
     Reset,
@@ -97,6 +123,17 @@ impl Change {
             Kind::Client if args.len() == 3 && args[1].eq_ignore_ascii_case(b"SETNAME") => {
                 Some(Change::SetName(args[2].clone()))
             }
+            Kind::Client if args.len() == 4 && args[1].eq_ignore_ascii_case(b"SETINFO") => {
+                let lib_ver = if args[2].eq_ignore_ascii_case(b"LIB-VER") {
+                    true
+                } else if args[2].eq_ignore_ascii_case(b"LIB-NAME") {
+                    false
+                } else {
+                    return None;
+                };
+                let value = args[3].clone();
+                Some(Change::SetInfo { lib_ver, value })
+            }
             Kind::Client if args.len() >= 3 && args[1].eq_ignore_ascii_case(b"TRACKING") => {
                 let on = args[2].eq_ignore_ascii_case(b"ON");
                 Some(Change::Tracking(on.then(|| args[3..].to_vec())))
@@ -113,6 +150,28 @@ impl Change {
             kind,
             Kind::Select | Kind::Auth | Kind::Hello | Kind::Client | Kind::Reset
         )
+    }
+
+    /// A connection attribute that only the session keeps while it shares (`CLIENT
+    /// SETNAME`, `CLIENT SETINFO`), when the member would accept it: the proxy answers
+    /// `+OK` itself, as the member would, and replays the attribute on a pinned connection.
+    /// `None` when the member must answer (a value it refuses, a form it may not know).
+    pub fn attribute(args: &[Vec<u8>], member_has_setinfo: bool) -> Option<Change> {
+        let change = match args.get(1) {
+            Some(sub) if sub.eq_ignore_ascii_case(b"SETNAME") => Change::of(Kind::Client, args)?,
+            Some(sub) if sub.eq_ignore_ascii_case(b"SETINFO") && member_has_setinfo => {
+                Change::of(Kind::Client, args)?
+            }
+            _ => return None,
+        };
+        let (Change::SetName(value) | Change::SetInfo { value, .. }) = &change else {
+            return None;
+        };
+        // Redis refuses spaces, newlines and anything outside printable ASCII.
+        value
+            .iter()
+            .all(|c| (b'!'..=b'~').contains(c))
+            .then_some(change)
     }
 }
 
@@ -134,6 +193,14 @@ impl SessionState {
                 }
             }
             Change::SetName(n) => self.set_name(n),
+            Change::SetInfo { lib_ver, value } => {
+                let value = (!value.is_empty()).then_some(value);
+                if lib_ver {
+                    self.lib_ver = value;
+                } else {
+                    self.lib_name = value;
+                }
+            }
             Change::Tracking(options) => self.tracking = options,
             Change::Reset => *self = SessionState::default(),
             Change::Many(changes) => changes.into_iter().for_each(|c| self.apply(c)),
@@ -203,6 +270,45 @@ impl SessionState {
         }
     }
 
+    /// The attributes a connection carries beyond what a shared connection has.
+    pub fn attributes(&self) -> Attributes {
+        Attributes {
+            name: self.name.clone(),
+            lib_name: self.lib_name.clone(),
+            lib_ver: self.lib_ver.clone(),
+        }
+    }
+
+    /// The commands that turn a connection with attributes `had` (and otherwise this state)
+    /// into one with this state's, pipelined, and how many replies they get (each must be
+    /// a non-error). An empty value clears an attribute.
+    pub fn attribute_commands(&self, had: &Attributes) -> (Vec<u8>, usize) {
+        let want = self.attributes();
+        let mut out = Vec::new();
+        let mut n = 0;
+        let pairs = [
+            (&b"SETNAME"[..], None, &want.name, &had.name),
+            (
+                b"SETINFO",
+                Some(&b"LIB-NAME"[..]),
+                &want.lib_name,
+                &had.lib_name,
+            ),
+            (b"SETINFO", Some(b"LIB-VER"), &want.lib_ver, &had.lib_ver),
+        ];
+        for (sub, attr, want, had) in pairs {
+            if want == had {
+                continue;
+            }
+            let mut args = vec![b"CLIENT".to_vec(), sub.to_vec()];
+            args.extend(attr.map(<[u8]>::to_vec));
+            args.push(want.clone().unwrap_or_default());
+            request::encode_command(&args, &mut out);
+            n += 1;
+        }
+        (out, n)
+    }
+
     fn set_name(&mut self, name: Vec<u8>) {
         // `CLIENT SETNAME ""` clears the name.
         self.name = (!name.is_empty()).then_some(name);
@@ -227,6 +333,20 @@ impl SessionState {
         }
         if let Some(name) = &self.name {
             push(vec![b"CLIENT".to_vec(), b"SETNAME".to_vec(), name.clone()]);
+        }
+        for (attr, value) in [
+            (&b"LIB-NAME"[..], &self.lib_name),
+            (b"LIB-VER", &self.lib_ver),
+        ] {
+            if let Some(value) = value {
+                let setinfo = b"SETINFO".to_vec();
+                push(vec![
+                    b"CLIENT".to_vec(),
+                    setinfo,
+                    attr.to_vec(),
+                    value.clone(),
+                ]);
+            }
         }
         if let Some(db) = &self.db {
             push(vec![b"SELECT".to_vec(), db.clone()]);
@@ -263,6 +383,7 @@ mod tests {
             "AUTH alice pw",
             "HELLO 3 SETNAME app",
             "client setname app2",
+            "CLIENT SETINFO lib-name redis-py",
         ] {
             s.apply(change(cmd).unwrap());
         }
@@ -271,9 +392,10 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some(&b"app2"[..]));
         assert_eq!(s.auth.as_ref().unwrap().len(), 2);
         let (bytes, n) = s.replay_commands();
-        assert_eq!(n, 4);
+        assert_eq!(n, 5);
         let text = String::from_utf8(bytes).unwrap();
         assert!(text.starts_with("*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$2\r\npw\r\n"));
+        assert!(text.contains("$8\r\nLIB-NAME\r\n$8\r\nredis-py\r\n"));
         assert!(text.ends_with("*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"));
         assert!(!format!("{s:?}").contains("pw"));
         s.apply(change("RESET").unwrap());
@@ -291,5 +413,52 @@ mod tests {
         let mut s = SessionState::default();
         s.apply(change("SELECT 0").unwrap());
         assert_eq!(s.db, None);
+    }
+
+    #[test]
+    fn attributes_the_proxy_may_answer_for_the_member() {
+        let attribute = |cmd: &str, setinfo: bool| {
+            let args: Vec<Vec<u8>> = cmd.split(' ').map(|a| a.as_bytes().to_vec()).collect();
+            Change::attribute(&args, setinfo)
+        };
+        assert_eq!(
+            attribute("CLIENT setname app", false),
+            Some(Change::SetName(b"app".to_vec()))
+        );
+        assert_eq!(
+            attribute("client SETINFO lib-ver 5.0.1", true),
+            Some(Change::SetInfo {
+                lib_ver: true,
+                value: b"5.0.1".to_vec()
+            })
+        );
+        // The member answers what it refuses, and what it may not know.
+        assert_eq!(attribute("CLIENT SETINFO lib-ver 5.0.1", false), None);
+        assert_eq!(attribute("CLIENT SETINFO lib-other x", true), None);
+        assert_eq!(attribute("CLIENT SETNAME a\nb", false), None);
+        assert_eq!(attribute("CLIENT SETNAME é", false), None);
+        assert_eq!(attribute("CLIENT SETNAME", false), None);
+        assert_eq!(attribute("CLIENT SETNAME a b", false), None);
+        assert_eq!(attribute("CLIENT GETNAME", false), None);
+    }
+
+    #[test]
+    fn an_idle_connection_gets_its_new_sessions_attributes() {
+        let mut s = SessionState::default();
+        s.apply(change("CLIENT SETNAME app").unwrap());
+        s.apply(change("CLIENT SETINFO LIB-VER 1.2").unwrap());
+        let had = Attributes {
+            name: Some(b"old".to_vec()),
+            lib_name: Some(b"lib".to_vec()),
+            lib_ver: Some(b"1.2".to_vec()),
+        };
+        let (bytes, n) = s.attribute_commands(&had);
+        assert_eq!(n, 2);
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            "*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$3\r\napp\r\n\
+             *4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$0\r\n\r\n"
+        );
+        assert_eq!(s.attribute_commands(&s.attributes()).1, 0);
     }
 }

@@ -216,3 +216,84 @@ async fn a_failover_under_200_shared_sessions_gives_each_its_own_errors() {
         assert!(n >= 2, "c{i} = {n}: an acknowledged INCR was lost");
     }
 }
+
+/// A session that names itself (`CLIENT SETNAME`, as many clients do on connect) still
+/// shares: geoproxy answers for the member, and the name is replayed when the session pins.
+/// `AUTH` reaches the member once per credential: the shared connection opened for it
+/// proves it for every later session; a wrong password still gets the member's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_stay_with_the_session_and_each_credential_is_checked_once() {
+    let member = RedisServer::start();
+    member.query(&["ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all"]);
+    let proxy = Proxy::start(&[("local", member.addr())], shared_options()).await;
+    let auth_calls = || {
+        let stat = member.info_field("commandstats", "cmdstat_auth");
+        let stat = stat.unwrap_or_default();
+        let calls = stat.split(',').find_map(|f| f.strip_prefix("calls="));
+        calls.map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let shared_connections = "geoproxy_member_connections{kind=\"shared\",member=\"local\"}";
+
+    let mut first = Raw::connect(proxy.addr).await;
+    first
+        .roundtrip(b"CLIENT SETNAME app-0\r\n", b"+OK\r\n")
+        .await;
+    first
+        .roundtrip(b"AUTH alice alice-pw\r\n", b"+OK\r\n")
+        .await;
+    first.roundtrip(b"SET k v\r\n", b"+OK\r\n").await;
+    // The credential's own shared connection is open (and has proven it).
+    let proxy_ref = &proxy;
+    eventually(
+        Duration::from_secs(5),
+        "a shared connection for alice",
+        || async move { proxy_ref.metric(shared_connections).await == 2.0 },
+    )
+    .await;
+    first.roundtrip(b"GET k\r\n", b"$1\r\nv\r\n").await;
+    let checked = auth_calls();
+
+    let mut clients = vec![first];
+    for i in 1..10 {
+        let mut c = Raw::connect(proxy.addr).await;
+        c.roundtrip(format!("CLIENT SETNAME app-{i}\r\n").as_bytes(), b"+OK\r\n")
+            .await;
+        c.roundtrip(b"AUTH alice alice-pw\r\n", b"+OK\r\n").await;
+        c.roundtrip(b"ACL WHOAMI\r\n", b"$5\r\nalice\r\n").await;
+        clients.push(c);
+    }
+    assert_eq!(auth_calls(), checked, "AUTH went to the member again");
+    assert_eq!(shared_sessions(&proxy).await, 10.0);
+    // (The first session's AUTH pinned, with its name: that connection waits idle.)
+    let named = |list: &[String]| {
+        let named = |l: &&String| l.contains("name=app-") && !l.contains("name=app-0 ");
+        list.iter().filter(named).count()
+    };
+    assert_eq!(named(&session_connections(&member)), 0, "a name pinned");
+
+    // A wrong password is the member's to refuse, and teaches the session nothing.
+    let mut wrong = Raw::connect(proxy.addr).await;
+    wrong
+        .roundtrip(
+            b"AUTH alice not-it\r\n",
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        )
+        .await;
+    assert_eq!(auth_calls(), checked + 1);
+    wrong
+        .roundtrip(b"ACL WHOAMI\r\n", b"$7\r\ndefault\r\n")
+        .await;
+
+    // What needs the connection sees the name: the session pins with it replayed.
+    clients[3]
+        .roundtrip(b"CLIENT GETNAME\r\n", b"$5\r\napp-3\r\n")
+        .await;
+    clients[4]
+        .roundtrip(
+            b"MULTI\r\nCLIENT GETNAME\r\nEXEC\r\n",
+            b"+OK\r\n+QUEUED\r\n*1\r\n$5\r\napp-4\r\n",
+        )
+        .await;
+    assert!(named(&session_connections(&member)) >= 1);
+    assert_eq!(auth_calls(), checked + 1, "pinned connections come idle");
+}
