@@ -3,6 +3,7 @@
 #
 #   cargo build --release && benches/scale.sh            # N=10000 by default
 #   N=2000 benches/scale.sh                              # a quick look
+#   MODELS=true FAILOVER=0 benches/scale.sh              # idle sessions only, multiplexed
 #
 # For each model: a redis-server member (maxclients raised for the 1:1 model) and a second
 # one to fail over to, geoproxy (target/release/geoproxy) in front, then
@@ -11,6 +12,8 @@
 # active member at 5 s: time from the fault to each client's first good reply).
 set -euo pipefail
 N=${N:-10000}
+MODELS=${MODELS:-"false true"}
+FAILOVER=${FAILOVER:-1}
 BIN=${GEOPROXY_BIN:-target/release/geoproxy}
 BENCH=${BENCH:-../shared/bench}
 ulimit -n $((N * 3 + 2000)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -49,10 +52,14 @@ TOML
     echo "== multiplex = $multiplex, N = $N"
     python3 "$BENCH/idle-scale.py" $port $proxy_pid $east "$N"
     curl -s localhost:$admin/v1/status | grep -o "\"active_member\":\"[a-z]*\""
-    python3 "$BENCH/mass-failover.py" $port "$N" 15 5 "kill -9 $east_pid" 1 | tail -4
+    if [ "$FAILOVER" = 1 ]; then
+        python3 "$BENCH/mass-failover.py" $port "$N" 15 5 "kill -9 $east_pid" 1 | tail -4
+    fi
+    kill $east_pid 2>/dev/null || true
     kill $proxy_pid $west_pid 2>/dev/null || true
     wait $proxy_pid $west_pid $east_pid 2>/dev/null || true
 }
 
-run false
-run true
+for multiplex in $MODELS; do
+    run "$multiplex"
+done

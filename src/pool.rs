@@ -350,20 +350,29 @@ impl SharedTask {
         let (reader, writer) = tokio::io::split(stream);
         let (owed_tx, mut owed_rx) = mpsc::unbounded_channel();
         let mut fifo = VecDeque::new();
+        // Biased, replies first: a connection the member closed is seen closed before the
+        // next batch is written to it, so that batch goes back unsent (to the next member)
+        // rather than lost with an unknown outcome.
         let why = tokio::select! {
-            r = write_batches(&mut queued, owed_tx, writer, &self.metrics) => r,
+            biased;
             r = read_replies(reader, &mut owed_rx, &mut fifo) => r,
+            r = write_batches(&mut queued, owed_tx, writer, &self.metrics) => r,
         };
         self.conn.alive.store(false, Ordering::Release);
         self.metrics.member_connection(&id, "shared", -1);
         drop(attached);
+        // The proxy's own connection closed: evidence either way (the probe that confirms
+        // it tells a member that died from one that closed an idle connection on purpose).
+        // Reported before the sessions hear of it, so that it is the first word on this
+        // member and not a session's failed reconnect.
+        debug!(member = %id, why, "shared connection lost");
+        self.member.evidence.report(Signal::ConnectionLost);
         // Everyone still owed a reply for a command written learns that its outcome is
         // unknown; a session whose owed commands were all still queued gets them back.
         queued.close();
         while let Ok(o) = owed_rx.try_recv() {
             fifo.push_back(o);
         }
-        let owed = !fifo.is_empty();
         let mut unknown: Vec<mpsc::Sender<Delivery>> = Vec::new();
         for o in fifo.drain(..) {
             lost(&o.owner, &why);
@@ -385,10 +394,6 @@ impl SharedTask {
         for (owner, bytes) in unsent {
             deliver_now(&owner, Delivery::NotSent(bytes.freeze()));
         }
-        // The proxy's own connection closed: evidence either way (the probe that confirms
-        // it tells a member that died from one that closed an idle connection on purpose).
-        debug!(member = %id, why, owed, "shared connection lost");
-        self.member.evidence.report(Signal::ConnectionLost);
     }
 }
 

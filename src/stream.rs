@@ -9,7 +9,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::{client, server};
 
@@ -55,6 +56,40 @@ impl Stream {
                 Pin::new(tls).poll_flush(&mut Context::from_waker(Waker::noop())),
                 Poll::Ready(Ok(()))
             ),
+        }
+    }
+
+    /// Reads into `buf`, taking `size` more bytes of room only once there is something to
+    /// read: a connection that waits holds no read buffer (thousands of idle clients are
+    /// the common case, and each buffer would be 16 KiB or more). TLS reads through its
+    /// own buffered plaintext, so it takes the room first.
+    pub async fn read_when_ready(&mut self, buf: &mut BytesMut, size: usize) -> io::Result<usize> {
+        let room = |buf: &mut BytesMut| {
+            if buf.capacity() - buf.len() < size / 4 {
+                buf.reserve(size);
+            }
+        };
+        loop {
+            let read = match self {
+                Stream::Tcp(s) => {
+                    s.readable().await?;
+                    room(buf);
+                    s.try_read_buf(buf)
+                }
+                Stream::Unix(s) => {
+                    s.readable().await?;
+                    room(buf);
+                    s.try_read_buf(buf)
+                }
+                tls => {
+                    room(buf);
+                    return tls.read_buf(buf).await;
+                }
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
         }
     }
 

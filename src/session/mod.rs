@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus::IntCounter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -55,9 +55,9 @@ use state::Change;
 use timers::{block_deadline, Backoff, Durations, Timer};
 use transaction::Broken;
 
-/// Spare room kept in the reply buffer before each read: large reads keep big values fast.
+/// Room taken in the reply buffer for a read: large reads keep big values fast.
 const REPLY_READ_SIZE: usize = 64 * 1024;
-/// Spare room kept in the request buffer before each read.
+/// Room taken in the request buffer for a read.
 const REQUEST_READ_SIZE: usize = 16 * 1024;
 /// While commands wait (for a member, or for replies before a local answer), stop reading
 /// the client once this much is buffered: backpressure, not memory.
@@ -65,8 +65,6 @@ const MAX_WAITING_BYTES: usize = 1024 * 1024;
 /// An incomplete command larger than this streams to the member as it arrives (when its
 /// arguments do not matter to the session), so a 512 MB value is never held whole.
 const STREAM_AFTER: usize = 64 * 1024;
-/// A buffer that grew past this for one big frame is given back once it is empty.
-const SHRINK_ABOVE: usize = 256 * 1024;
 
 /// What every session shares: the members, the metrics and the limits.
 pub struct Context {
@@ -361,19 +359,15 @@ impl Session {
             timer,
             ..
         } = self;
-        if read_client && requests.capacity() - requests.len() < 1024 {
-            requests.reserve(REQUEST_READ_SIZE);
-        }
-        if upstream.is_some() && replies.capacity() - replies.len() < 4096 {
-            replies.reserve(REPLY_READ_SIZE);
-        }
         let timer_enabled = timer.enabled;
         // Biased: the data path is polled first, and when it is ready the control futures
         // (shared wake-up lists, each behind a lock) are not polled at all.
         tokio::select! {
             biased;
             r = read_upstream(upstream.as_mut(), replies) => Event::UpstreamRead(r),
-            r = client.read_buf(requests), if read_client => Event::ClientRead(r),
+            r = client.read_when_ready(requests, REQUEST_READ_SIZE), if read_client => {
+                Event::ClientRead(r)
+            }
             r = route.changed(), if *route_open => match r {
                 Ok(()) => Event::RouteChanged,
                 Err(_) => {
@@ -981,12 +975,13 @@ impl Session {
         self.client.send(bytes).await.map_err(SessionError::Client)
     }
 
-    /// Gives back buffer memory that one big frame made grow.
+    /// Gives back an empty buffer: a session that waits holds none (the next read takes
+    /// one when there is something to read, see [`Stream::read_when_ready`]).
     fn shrink_buffers(&mut self) {
-        if self.requests.is_empty() && self.requests.capacity() > SHRINK_ABOVE {
+        if self.requests.is_empty() && self.requests.capacity() > 0 {
             self.requests = BytesMut::new();
         }
-        if self.replies.is_empty() && self.replies.capacity() > SHRINK_ABOVE {
+        if self.replies.is_empty() && self.replies.capacity() > 0 {
             self.replies = BytesMut::new();
         }
     }
@@ -1071,7 +1066,7 @@ async fn read_upstream(upstream: Option<&mut Upstream>, buf: &mut BytesMut) -> i
         return std::future::pending().await;
     };
     match &mut u.link {
-        Link::Pinned(stream) => stream.read_buf(buf).await,
+        Link::Pinned(stream) => stream.read_when_ready(buf, REPLY_READ_SIZE).await,
         Link::Shared(link) => match link.inbox.recv().await {
             Some(Delivery::Replies(bytes)) => {
                 buf.extend_from_slice(&bytes);
