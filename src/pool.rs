@@ -272,7 +272,7 @@ impl Pools {
     /// Keeps a pinned connection whose session shares again, if there is room for it.
     pub fn put_idle(&self, upstream: Upstream, state: &SessionState) {
         let key = Key::new(upstream.member, &state.shareable());
-        let attributes = state.attributes();
+        let attributes = state.attributes.clone();
         let mut inner = self.lock();
         let member = upstream.member;
         let kept: usize = inner

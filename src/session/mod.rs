@@ -65,6 +65,8 @@ const MAX_WAITING_BYTES: usize = 1024 * 1024;
 /// An incomplete command larger than this streams to the member as it arrives (when its
 /// arguments do not matter to the session), so a 512 MB value is never held whole.
 const STREAM_AFTER: usize = 64 * 1024;
+/// A buffer that grew past this for one big frame is given back once it is empty.
+const SHRINK_ABOVE: usize = 256 * 1024;
 
 /// What every session shares: the members, the metrics and the limits.
 pub struct Context {
@@ -975,13 +977,14 @@ impl Session {
         self.client.send(bytes).await.map_err(SessionError::Client)
     }
 
-    /// Gives back an empty buffer: a session that waits holds none (the next read takes
-    /// one when there is something to read, see [`Stream::read_when_ready`]).
+    /// Gives back buffer memory that one big frame made grow. (Not every empty buffer: that
+    /// would be a free and an allocation per command. A session that has not read yet
+    /// holds none, see [`Stream::read_when_ready`].)
     fn shrink_buffers(&mut self) {
-        if self.requests.is_empty() && self.requests.capacity() > 0 {
+        if self.requests.is_empty() && self.requests.capacity() > SHRINK_ABOVE {
             self.requests = BytesMut::new();
         }
-        if self.replies.is_empty() && self.replies.capacity() > 0 {
+        if self.replies.is_empty() && self.replies.capacity() > SHRINK_ABOVE {
             self.replies = BytesMut::new();
         }
     }

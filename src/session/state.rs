@@ -19,11 +19,8 @@ pub struct SessionState {
     pub resp3: bool,
     /// Database chosen with SELECT, if not 0.
     pub db: Option<Vec<u8>>,
-    /// Connection name (CLIENT SETNAME, HELLO SETNAME).
-    pub name: Option<Vec<u8>>,
-    /// `CLIENT SETINFO LIB-NAME` and `LIB-VER`.
-    pub lib_name: Option<Vec<u8>>,
-    pub lib_ver: Option<Vec<u8>>,
+    /// Name and library (CLIENT SETNAME, HELLO SETNAME, CLIENT SETINFO).
+    pub attributes: Attributes,
     /// CLIENT REPLY OFF is in force: the member answers nothing.
     pub reply_off: bool,
     /// Client-side caching: the options of `CLIENT TRACKING ON`, if on.
@@ -38,15 +35,7 @@ impl fmt::Debug for SessionState {
             .field("auth", &self.auth.as_ref().map(|_| "***"))
             .field("resp3", &self.resp3)
             .field("db", &self.db.as_deref().map(String::from_utf8_lossy))
-            .field("name", &self.name.as_deref().map(String::from_utf8_lossy))
-            .field(
-                "lib_name",
-                &self.lib_name.as_deref().map(String::from_utf8_lossy),
-            )
-            .field(
-                "lib_ver",
-                &self.lib_ver.as_deref().map(String::from_utf8_lossy),
-            )
+            .field("attributes", &self.attributes)
             .field("reply_off", &self.reply_off)
             .field("tracking", &self.tracking.is_some())
             .field(
@@ -64,11 +53,26 @@ impl fmt::Debug for SessionState {
 /// What a connection carries beyond a shared connection's state (protocol, credentials,
 /// database): its name and library, which a pinned connection taken from the idle pool is
 /// given for its new session.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Attributes {
+    /// Connection name (CLIENT SETNAME, HELLO SETNAME).
     pub name: Option<Vec<u8>>,
+    /// `CLIENT SETINFO LIB-NAME` and `LIB-VER`.
     pub lib_name: Option<Vec<u8>>,
     pub lib_ver: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Attributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn text(v: &Option<Vec<u8>>) -> Option<std::borrow::Cow<'_, str>> {
+            v.as_deref().map(String::from_utf8_lossy)
+        }
+        f.debug_struct("Attributes")
+            .field("name", &text(&self.name))
+            .field("lib_name", &text(&self.lib_name))
+            .field("lib_ver", &text(&self.lib_ver))
+            .finish()
+    }
 }
 
 /// A change to apply once the member has accepted the command.
@@ -157,15 +161,11 @@ impl Change {
     /// `+OK` itself, as the member would, and replays the attribute on a pinned connection.
     /// `None` when the member must answer (a value it refuses, a form it may not know).
     pub fn attribute(args: &[Vec<u8>], member_has_setinfo: bool) -> Option<Change> {
-        let change = match args.get(1) {
-            Some(sub) if sub.eq_ignore_ascii_case(b"SETNAME") => Change::of(Kind::Client, args)?,
-            Some(sub) if sub.eq_ignore_ascii_case(b"SETINFO") && member_has_setinfo => {
-                Change::of(Kind::Client, args)?
-            }
+        let change = Change::of(Kind::Client, args)?;
+        let value = match &change {
+            Change::SetName(value) => value,
+            Change::SetInfo { value, .. } if member_has_setinfo => value,
             _ => return None,
-        };
-        let (Change::SetName(value) | Change::SetInfo { value, .. }) = &change else {
-            return None;
         };
         // Redis refuses spaces, newlines and anything outside printable ASCII.
         value
@@ -196,9 +196,9 @@ impl SessionState {
             Change::SetInfo { lib_ver, value } => {
                 let value = (!value.is_empty()).then_some(value);
                 if lib_ver {
-                    self.lib_ver = value;
+                    self.attributes.lib_ver = value;
                 } else {
-                    self.lib_name = value;
+                    self.attributes.lib_name = value;
                 }
             }
             Change::Tracking(options) => self.tracking = options,
@@ -270,22 +270,22 @@ impl SessionState {
         }
     }
 
-    /// The attributes a connection carries beyond what a shared connection has.
-    pub fn attributes(&self) -> Attributes {
-        Attributes {
-            name: self.name.clone(),
-            lib_name: self.lib_name.clone(),
-            lib_ver: self.lib_ver.clone(),
-        }
-    }
-
     /// The commands that turn a connection with attributes `had` (and otherwise this state)
     /// into one with this state's, pipelined, and how many replies they get (each must be
     /// a non-error). An empty value clears an attribute.
     pub fn attribute_commands(&self, had: &Attributes) -> (Vec<u8>, usize) {
-        let want = self.attributes();
+        let commands = self.attribute_args(had);
         let mut out = Vec::new();
-        let mut n = 0;
+        commands
+            .iter()
+            .for_each(|args| request::encode_command(args, &mut out));
+        (out, commands.len())
+    }
+
+    /// The `CLIENT SETNAME` / `SETINFO` commands (as arguments) that take attributes `had`
+    /// to this state's.
+    fn attribute_args(&self, had: &Attributes) -> Vec<Vec<Vec<u8>>> {
+        let want = &self.attributes;
         let pairs = [
             (&b"SETNAME"[..], None, &want.name, &had.name),
             (
@@ -296,22 +296,20 @@ impl SessionState {
             ),
             (b"SETINFO", Some(b"LIB-VER"), &want.lib_ver, &had.lib_ver),
         ];
-        for (sub, attr, want, had) in pairs {
-            if want == had {
-                continue;
-            }
-            let mut args = vec![b"CLIENT".to_vec(), sub.to_vec()];
-            args.extend(attr.map(<[u8]>::to_vec));
-            args.push(want.clone().unwrap_or_default());
-            request::encode_command(&args, &mut out);
-            n += 1;
-        }
-        (out, n)
+        let changed = pairs.into_iter().filter(|(_, _, want, had)| want != had);
+        changed
+            .map(|(sub, attr, want, _)| {
+                let mut args = vec![b"CLIENT".to_vec(), sub.to_vec()];
+                args.extend(attr.map(<[u8]>::to_vec));
+                args.push(want.clone().unwrap_or_default());
+                args
+            })
+            .collect()
     }
 
     fn set_name(&mut self, name: Vec<u8>) {
         // `CLIENT SETNAME ""` clears the name.
-        self.name = (!name.is_empty()).then_some(name);
+        self.attributes.name = (!name.is_empty()).then_some(name);
     }
 
     /// The commands that rebuild this state on a fresh connection, pipelined, and how many
@@ -331,23 +329,9 @@ impl SessionState {
         if self.resp3 {
             push(vec![b"HELLO".to_vec(), b"3".to_vec()]);
         }
-        if let Some(name) = &self.name {
-            push(vec![b"CLIENT".to_vec(), b"SETNAME".to_vec(), name.clone()]);
-        }
-        for (attr, value) in [
-            (&b"LIB-NAME"[..], &self.lib_name),
-            (b"LIB-VER", &self.lib_ver),
-        ] {
-            if let Some(value) = value {
-                let setinfo = b"SETINFO".to_vec();
-                push(vec![
-                    b"CLIENT".to_vec(),
-                    setinfo,
-                    attr.to_vec(),
-                    value.clone(),
-                ]);
-            }
-        }
+        self.attribute_args(&Attributes::default())
+            .into_iter()
+            .for_each(&mut push);
         if let Some(db) = &self.db {
             push(vec![b"SELECT".to_vec(), db.clone()]);
         }
@@ -389,7 +373,7 @@ mod tests {
         }
         assert_eq!(s.db.as_deref(), Some(&b"3"[..]));
         assert!(s.resp3);
-        assert_eq!(s.name.as_deref(), Some(&b"app2"[..]));
+        assert_eq!(s.attributes.name.as_deref(), Some(&b"app2"[..]));
         assert_eq!(s.auth.as_ref().unwrap().len(), 2);
         let (bytes, n) = s.replay_commands();
         assert_eq!(n, 5);
@@ -459,6 +443,6 @@ mod tests {
             "*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$3\r\napp\r\n\
              *4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$0\r\n\r\n"
         );
-        assert_eq!(s.attribute_commands(&s.attributes()).1, 0);
+        assert_eq!(s.attribute_commands(&s.attributes).1, 0);
     }
 }

@@ -84,10 +84,10 @@ fn recorded_redis_replies_are_placed_exactly() {
         }),
         (fixture!("hello"), "RRRRRR", |l| {
             assert!(!l.state().resp3);
-            assert_eq!(l.state().name.as_deref(), Some(&b"app"[..]));
+            assert_eq!(l.state().attributes.name.as_deref(), Some(&b"app"[..]));
         }),
         (fixture!("client_setname"), "RRR", |l| {
-            assert_eq!(l.state().name.as_deref(), Some(&b"a"[..]));
+            assert_eq!(l.state().attributes.name.as_deref(), Some(&b"a"[..]));
         }),
         (fixture!("subscribe_resp2"), "RRRRRRRRRRR", |l| {
             assert!(!l.state().subscribed());
@@ -118,7 +118,7 @@ fn recorded_redis_replies_are_placed_exactly() {
                 Some(&b"1"[..]),
                 "SELECT 99999 failed"
             );
-            assert_eq!(l.state().name.as_deref(), Some(&b"t"[..]));
+            assert_eq!(l.state().attributes.name.as_deref(), Some(&b"t"[..]));
             assert!(l.state().auth.is_none(), "AUTH failed inside EXEC");
         }),
         (fixture!("multi_rules"), "RRRRRRRRRRRRRRRRRRRR", |l| {
