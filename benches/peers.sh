@@ -5,6 +5,8 @@
 #     ratios are comparable (the machine is noisy across runs):
 #       geoproxy       proxy.multiplex = true   port 7501, admin 7502, $RUN/geoproxy.toml
 #       geoproxy_1to1  proxy.multiplex = false  port 7601, admin 7602, $RUN/geoproxy_1to1.toml
+#       geoproxy_1t    proxy.multiplex = true, proxy.threads = 1 (one worker), port 7701
+#                      (not in the default TARGETS; add it to compare worker counts)
 #     each with its own PID for the CPU columns; multiplex is written in each TOML
 #     and also pinned per process with GEOPROXY__PROXY__MULTIPLEX (an env override
 #     beats the file, so a stray one in the caller's environment cannot flip it).
@@ -96,9 +98,10 @@ mkdir -p "$RUN"
 
 declare -A PORT=([direct]=7001 [haproxy]=7101 [haproxy_splice]=7102
                  [nutcracker]=7201 [socat]=7301 [tokio_relay]=7401 [geoproxy]=7501
-                 [geoproxy_1to1]=7601)
-declare -A ADMIN_PORT=([geoproxy]=7502 [geoproxy_1to1]=7602)
-declare -A MULTIPLEX=([geoproxy]=true [geoproxy_1to1]=false)
+                 [geoproxy_1to1]=7601 [geoproxy_1t]=7701)
+declare -A ADMIN_PORT=([geoproxy]=7502 [geoproxy_1to1]=7602 [geoproxy_1t]=7702)
+declare -A MULTIPLEX=([geoproxy]=true [geoproxy_1to1]=false [geoproxy_1t]=true)
+declare -A THREADS=([geoproxy_1t]=1)   # unset: the default (one worker per core)
 declare -A WL=(
   [a]="-c 50 -n 200000 -t get,set -P 1"
   [b]="-c 50 -n 1000000 -t get,set -P 16"
@@ -220,6 +223,7 @@ start_geoproxy() { # target: same binary, own config file, log and PID
 listen = "127.0.0.1:$port"
 mode = "colocated"
 multiplex = $mux
+${THREADS[$t]:+threads = ${THREADS[$t]}}
 
 [admin]
 listen = "127.0.0.1:$admin"
@@ -236,7 +240,7 @@ CONF
   p=$!; PIDS+=($p); PROXYPID[$t]=$p
   wait_ping "$port" || { tail -20 "$RUN/$t.log" >&2; exit 1; }
 }
-for t in geoproxy geoproxy_1to1; do
+for t in geoproxy geoproxy_1to1 geoproxy_1t; do
   if [[ " $TARGETS " == *" $t "* ]]; then start_geoproxy "$t"; fi
 done
 

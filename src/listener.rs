@@ -166,7 +166,7 @@ impl Listener {
                     let client = match (client, tls) {
                         (Accepted::Unix(unix), _) => Stream::Unix(unix),
                         (Accepted::Tcp(tcp), None) => Stream::Tcp(tcp),
-                        (Accepted::Tcp(tcp), Some(tls)) => match tls.accept(tcp).await {
+                        (Accepted::Tcp(tcp), Some(tls)) => match Box::pin(tls.accept(tcp)).await {
                             Ok(stream) => stream,
                             Err(e) => {
                                 ctx.metrics.tls_handshake_failures.inc();

@@ -74,12 +74,12 @@ impl Stream {
                 Stream::Tcp(s) => {
                     s.readable().await?;
                     room(buf);
-                    s.try_read_buf(buf)
+                    read_now(s, buf)
                 }
                 Stream::Unix(s) => {
                     s.readable().await?;
                     room(buf);
-                    s.try_read_buf(buf)
+                    read_now(s, buf)
                 }
                 tls => {
                     room(buf);
@@ -103,6 +103,19 @@ impl Stream {
             Pin::new(self).poll_read(&mut Context::from_waker(waker), &mut buf),
             Poll::Pending
         )
+    }
+}
+
+/// One read of a socket that tokio says is readable, without waiting. Through `poll_read`
+/// rather than `try_read_buf`: tokio's `poll_read` clears the readiness itself when a read
+/// leaves room in the buffer (the receive queue is empty then), where `try_read_buf` leaves
+/// that to a second read that finds nothing, which would be one more system call on every
+/// request.
+fn read_now<S: AsyncRead + Unpin>(socket: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match tokio_util::io::poll_read_buf(Pin::new(socket), &mut cx, buf) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 

@@ -57,8 +57,12 @@ use transaction::Broken;
 
 /// Room taken in the reply buffer for a read: large reads keep big values fast.
 const REPLY_READ_SIZE: usize = 64 * 1024;
-/// Room taken in the request buffer for a read.
-const REQUEST_READ_SIZE: usize = 16 * 1024;
+/// Room taken in the request buffer for a session's first read: most clients send small
+/// commands one at a time, and every idle session keeps its buffer.
+const FIRST_REQUEST_READ: usize = 1024;
+/// The most room taken in the request buffer for a read: a read that fills half of its
+/// room doubles the next one, up to this (pipelines and large values).
+const MAX_REQUEST_READ: usize = 16 * 1024;
 /// While commands wait (for a member, or for replies before a local answer), stop reading
 /// the client once this much is buffered: backpressure, not memory.
 const MAX_WAITING_BYTES: usize = 1024 * 1024;
@@ -178,6 +182,8 @@ pub struct Session {
     upstream_shut: bool,
     /// Complete commands are buffered that cannot go out yet.
     stalled: bool,
+    /// Room taken in `requests` for the next read of the client.
+    request_read: usize,
     /// When the session last had no upstream (or `None` while it has one).
     detached_since: Option<Instant>,
     /// The member whose connection failed, and the route epoch then: not retried under the
@@ -236,6 +242,7 @@ impl Session {
             client_eof: false,
             upstream_shut: false,
             stalled: false,
+            request_read: FIRST_REQUEST_READ,
             detached_since: Some(now),
             failed: None,
             backoff: Backoff::default(),
@@ -252,16 +259,23 @@ impl Session {
     }
 
     /// Serves the client until it leaves, shutdown drains it, or an unrecoverable failure.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        match self.serve(shutdown).await {
-            Ok(()) => {}
-            Err(SessionError::Client(e)) => debug!(error = %e, "client connection closed"),
-            Err(e @ SessionError::MemberProtocol(_)) => {
-                self.ctx.metrics.protocol_errors.inc();
-                warn!(error = %e, "closing session");
+    ///
+    /// An `async` block rather than an `async fn run(mut self)`: the latter keeps the
+    /// session twice in its future (the argument and its `mut` binding, 1.1 KiB each), and
+    /// every idle session pays for the size of its future.
+    pub fn run(self, shutdown: CancellationToken) -> impl std::future::Future<Output = ()> {
+        let mut session = self;
+        async move {
+            match session.serve(shutdown).await {
+                Ok(()) => {}
+                Err(SessionError::Client(e)) => debug!(error = %e, "client connection closed"),
+                Err(e @ SessionError::MemberProtocol(_)) => {
+                    session.ctx.metrics.protocol_errors.inc();
+                    warn!(error = %e, "closing session");
+                }
+                Err(e @ SessionError::ClosedByMember(_)) => debug!(error = %e, "closing session"),
+                Err(e) => info!(error = %e, "closing session"),
             }
-            Err(e @ SessionError::ClosedByMember(_)) => debug!(error = %e, "closing session"),
-            Err(e) => info!(error = %e, "closing session"),
         }
     }
 
@@ -306,6 +320,9 @@ impl Session {
                 Event::ClientRead(Ok(0)) => self.client_eof = true,
                 Event::ClientRead(Ok(n)) => {
                     self.ctx.metrics.client_bytes_in.inc_by(n as u64);
+                    if n * 2 >= self.request_read {
+                        self.request_read = (self.request_read * 2).min(MAX_REQUEST_READ);
+                    }
                     self.last_client_io = Instant::now();
                     if self.requests.len() > self.ctx.query_buffer_limit {
                         // Redis closes such a client without a reply.
@@ -353,6 +370,7 @@ impl Session {
         let Session {
             client,
             requests,
+            request_read,
             upstream,
             replies,
             route,
@@ -367,7 +385,7 @@ impl Session {
         tokio::select! {
             biased;
             r = read_upstream(upstream.as_mut(), replies) => Event::UpstreamRead(r),
-            r = client.read_when_ready(requests, REQUEST_READ_SIZE), if read_client => {
+            r = client.read_when_ready(requests, *request_read), if read_client => {
                 Event::ClientRead(r)
             }
             r = route.changed(), if *route_open => match r {

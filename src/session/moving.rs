@@ -159,11 +159,15 @@ impl Session {
                     )),
                 }
             }
-            Some(pools) => pools.pinned(&member, target, self.ledger.state()).await,
+            // Boxed, here and in `pin`: connecting is rare and its future large, and a
+            // session's future is as large as the largest thing it awaits (kept for every
+            // idle session).
+            Some(pools) => Box::pin(pools.pinned(&member, target, self.ledger.state())).await,
             None => {
                 let login = member.login.as_deref();
                 let state = self.ledger.state();
-                upstream::open(&member, target, state, login, self.ctx.connect_timeout).await
+                let timeout = self.ctx.connect_timeout;
+                Box::pin(upstream::open(&member, target, state, login, timeout)).await
             }
         };
         let opened = opened.map(|mut new| {
@@ -287,7 +291,7 @@ impl Session {
         self.ctx.metrics.pinned(reason);
         let (member, idx) = (shared.to.clone(), shared.member);
         drop(shared);
-        match pools.pinned(&member, idx, self.ledger.state()).await {
+        match Box::pin(pools.pinned(&member, idx, self.ledger.state())).await {
             Ok(mut pinned) => {
                 pinned.count_in(self.ctx.metrics.member_connections(member.id(), "pinned"));
                 self.replies = std::mem::take(&mut pinned.early);
