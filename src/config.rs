@@ -1208,7 +1208,7 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
             },
-            multiplex: p.multiplex.unwrap_or(false),
+            multiplex: p.multiplex.unwrap_or(true),
             shared_connections: match p.shared_connections {
                 Some(0) => {
                     problems.push("proxy.shared_connections: must be at least 1".into());

@@ -12,6 +12,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberConfig;
 use crate::health::verdict::{Change, CheckStatus, Policy, Role, Slot, Verdicts};
@@ -132,6 +133,9 @@ pub struct Member {
     /// sent first on every upstream.
     pub login: Option<Vec<u8>>,
     proxy_auth: bool,
+    /// Cancelled when a reload removes (or replaces) the member: the connections the
+    /// workers pool for it close.
+    retired: CancellationToken,
 }
 
 /// Counts one session's upstream in [`Member::attached`] for as long as it lives.
@@ -182,7 +186,22 @@ impl Member {
             attached: Arc::new(AtomicUsize::new(0)),
             login: password.map(|p| login(config.username.as_deref(), p.expose())),
             proxy_auth,
+            retired: CancellationToken::new(),
         }
+    }
+
+    /// A reload removed (or replaced) this member: its pooled connections close.
+    pub fn retire(&self) {
+        self.retired.cancel();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.is_cancelled()
+    }
+
+    /// Waits until a reload removes the member.
+    pub async fn retired(&self) {
+        self.retired.cancelled().await
     }
 
     /// A reload changed the checks: keep the state of those still configured.

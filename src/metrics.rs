@@ -17,6 +17,7 @@ pub struct Metrics {
     route_epoch: IntGauge,
     check_duration: HistogramVec,
     check_up: IntGaugeVec,
+    checks_inconclusive: IntCounterVec,
     member_synced: IntGaugeVec,
     replication_lag: prometheus::GaugeVec,
     failback_held: IntGaugeVec,
@@ -143,6 +144,17 @@ impl Metrics {
                     opts(
                         "geoproxy_check_up",
                         "1 if the member passed its last run of this check, 0 if not."
+                    ),
+                    &["member", "check"]
+                )
+            ),
+            checks_inconclusive: register!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "geoproxy_checks_inconclusive_total",
+                        "Failed runs of a check not counted against the member, because this \
+                         process was out of file descriptors at the time."
                     ),
                     &["member", "check"]
                 )
@@ -512,6 +524,9 @@ impl Metrics {
         }
         for check in checks {
             let _ = self.check_up.remove_label_values(&[member, check]);
+            let _ = self
+                .checks_inconclusive
+                .remove_label_values(&[member, check]);
         }
     }
 
@@ -535,8 +550,9 @@ impl Metrics {
         self.route_epoch.inc();
     }
 
-    pub fn passive_signals(&self, member: &str, kind: &str, confirmed: bool, n: u64) {
-        let outcome = if confirmed { "confirmed" } else { "dismissed" };
+    /// `n` reports of `kind`, by the confirming probe's `outcome`: `confirmed`,
+    /// `dismissed` or `inconclusive`.
+    pub fn passive_signals(&self, member: &str, kind: &str, outcome: &str, n: u64) {
         self.passive_signals
             .with_label_values(&[member, kind, outcome])
             .inc_by(n);
@@ -556,6 +572,13 @@ impl Metrics {
         self.check_up
             .with_label_values(&[member, check])
             .set(passed.into());
+    }
+
+    /// A failed check run not counted: the failure was this process's own.
+    pub fn check_inconclusive(&self, member: &str, check: &str) {
+        self.checks_inconclusive
+            .with_label_values(&[member, check])
+            .inc();
     }
 
     pub fn member_synced(&self, member: &str, synced: bool) {

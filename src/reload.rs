@@ -197,6 +197,13 @@ impl Reloader {
                 }
                 self.metrics.member_synced(m.id(), status.synced);
             }
+            // The members that left (removed, or replaced under a new slot) close what the
+            // workers pool for them, once no reply is owed there.
+            for (idx, m) in current.iter() {
+                if !generation.preference().contains(&idx) {
+                    m.retire();
+                }
+            }
             self.members.store(generation);
         }
         self.running.members = next.members;

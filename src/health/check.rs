@@ -66,6 +66,17 @@ impl<C: Check> Checker<C> {
                 Err(_) => Err(format!("no result within {:?}", self.deadline)),
             };
             let seconds = started.elapsed().as_secs_f64();
+            if let Err(why) = &result {
+                if out_of_descriptors() {
+                    // The connect (or the program) never left this host: that says nothing
+                    // about the member, and a proxy full of clients must not fail over
+                    // from a healthy one. Not recorded; tried again at the next interval.
+                    warn!(member = member.id(), check = %name, why, "check inconclusive: out of file descriptors");
+                    self.metrics.check_inconclusive(member.id(), &name);
+                    next = Instant::now() + jittered(self.timing.interval);
+                    continue;
+                }
+            }
             let failed = result.is_err();
             let (members, metrics) = (&self.members, &self.metrics);
             let change = record(
@@ -81,6 +92,16 @@ impl<C: Check> Checker<C> {
             };
             next = Instant::now() + jittered(wait);
         }
+    }
+}
+
+/// Is this process out of file descriptors (EMFILE, or ENFILE for the host) now? Asked
+/// after a failed check, whose own error is often only a string by then (a connect, an
+/// HTTP client, a program that could not start): opening `/dev/null` fails the same way.
+pub(crate) fn out_of_descriptors() -> bool {
+    match std::fs::File::open("/dev/null") {
+        Ok(_) => false,
+        Err(e) => matches!(e.raw_os_error(), Some(24 | 23)),
     }
 }
 

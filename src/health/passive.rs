@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::check::publish;
+use super::check::{out_of_descriptors, publish};
 use super::errors::ErrorWindow;
 use super::ping::PingCheck;
 use super::{Cause, State};
@@ -63,6 +63,7 @@ impl Passive {
     async fn confirm(&self, probe: &mut PingCheck) {
         let member = self.members.get(self.idx);
         let (covers, counts) = member.evidence.take();
+        let mut inconclusive = false;
         let (healthy, why) = if member.state() == State::Down {
             (false, String::new()) // already down: nothing to confirm
         } else {
@@ -73,14 +74,23 @@ impl Passive {
                 .check(member.id(), "confirm", seconds, result.is_ok());
             match result {
                 Ok(()) => (true, String::new()),
-                Err(e) => (false, e),
+                Err(e) => {
+                    // A probe that could not get out of this host proves nothing.
+                    inconclusive = out_of_descriptors();
+                    (false, e)
+                }
             }
+        };
+        let outcome = match (healthy, inconclusive) {
+            (true, _) => "dismissed",
+            (false, true) => "inconclusive",
+            (false, false) => "confirmed",
         };
         for signal in Signal::ALL {
             let n = counts[signal.index()];
             if n > 0 {
                 self.metrics
-                    .passive_signals(member.id(), signal.label(), !healthy, n);
+                    .passive_signals(member.id(), signal.label(), outcome, n);
             }
         }
         if healthy {
@@ -88,6 +98,15 @@ impl Passive {
                 member = member.id(),
                 "passive signal dismissed: the member answers"
             );
+        } else if inconclusive {
+            // Not healthy for the sessions that asked (they follow the route, which stays),
+            // and not down: a proxy out of descriptors must not fail over from a member
+            // that may be fine.
+            warn!(
+                member = member.id(),
+                why, "probe inconclusive: out of file descriptors"
+            );
+            self.metrics.check_inconclusive(member.id(), "confirm");
         } else if member.state() != State::Down {
             // The kind reported most names the cause.
             let kind = Signal::ALL

@@ -170,6 +170,9 @@ pub struct Session {
     request_scanner: RequestScanner,
     streaming: Streaming,
     replies: BytesMut,
+    /// Replies a shared connection handed over while `replies` was empty: forwarded from
+    /// the connection's own buffer, without a copy into `replies`.
+    delivered: Bytes,
     reply_scanner: ReplyScanner,
     broken: Option<Broken>,
     /// `replies` holds bytes to forward that no read announced (after a move).
@@ -235,6 +238,7 @@ impl Session {
             request_scanner: RequestScanner::default(),
             streaming: Streaming::No,
             replies: BytesMut::new(),
+            delivered: Bytes::new(),
             reply_scanner: ReplyScanner::default(),
             broken: None,
             replies_waiting: false,
@@ -373,6 +377,7 @@ impl Session {
             request_read,
             upstream,
             replies,
+            delivered,
             route,
             route_open,
             verdict,
@@ -384,7 +389,7 @@ impl Session {
         // (shared wake-up lists, each behind a lock) are not polled at all.
         tokio::select! {
             biased;
-            r = read_upstream(upstream.as_mut(), replies) => Event::UpstreamRead(r),
+            r = read_upstream(upstream.as_mut(), replies, delivered) => Event::UpstreamRead(r),
             r = client.read_when_ready(requests, *request_read), if read_client => {
                 Event::ClientRead(r)
             }
@@ -914,20 +919,28 @@ impl Session {
     /// Streams the member's bytes to the client, telling the ledger of each complete frame.
     async fn forward_replies(&mut self) -> Result<(), SessionError> {
         let owed_before = self.ledger.in_flight();
-        let consumed = if self.ledger.raw() {
-            self.replies.len()
+        // Replies a shared connection handed over whole go out from its buffer; only the
+        // start of an unfinished frame is kept (copied) for its rest to join.
+        let delivered = std::mem::take(&mut self.delivered);
+        let Session {
+            reply_scanner,
+            replies,
+            ledger,
+            ..
+        } = self;
+        let data: &[u8] = if delivered.is_empty() {
+            replies
         } else {
-            let Session {
-                reply_scanner,
-                replies,
-                ledger,
-                ..
-            } = self;
+            &delivered
+        };
+        let consumed = if ledger.raw() {
+            data.len()
+        } else {
             let mut unexpected = false;
             let mut refusals = 0;
             let oom = self.ctx.oom_refuses;
             let consumed = reply_scanner
-                .scan(replies, |reply| {
+                .scan(data, |reply| {
                     unexpected |= ledger.frame(reply) == Frame::Unexpected;
                     if reply.is_error() && cannot_serve(reply.error_head(), oom) {
                         refusals += 1;
@@ -942,8 +955,8 @@ impl Session {
                 warn!("a reply arrived that no command asked for; relaying raw from now on");
             }
             // A raw session forwards everything, even what the scanner could not place.
-            if self.ledger.raw() {
-                self.replies.len()
+            if ledger.raw() {
+                data.len()
             } else {
                 consumed
             }
@@ -956,9 +969,13 @@ impl Session {
             self.blocked_until = None;
             self.blocked_forever = false;
         }
-        let result = self.client.send(&self.replies[..consumed]).await;
+        let result = self.client.send(&data[..consumed]).await;
         self.ctx.metrics.client_bytes_out.inc_by(consumed as u64);
-        self.replies.advance(consumed);
+        if delivered.is_empty() {
+            self.replies.advance(consumed);
+        } else {
+            self.replies.extend_from_slice(&delivered[consumed..]);
+        }
         result.map_err(SessionError::Client)?;
         // A slow client is not a slow member: the wait for the next reply starts now.
         self.last_activity = Instant::now();
@@ -1082,7 +1099,13 @@ async fn wait_verdict(verdict: Option<&mut AwaitingVerdict>) -> bool {
     }
 }
 
-async fn read_upstream(upstream: Option<&mut Upstream>, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads the member's next bytes into `buf`; from a shared connection, into `delivered`
+/// when `buf` is empty (no copy).
+async fn read_upstream(
+    upstream: Option<&mut Upstream>,
+    buf: &mut BytesMut,
+    delivered: &mut Bytes,
+) -> io::Result<usize> {
     let Some(u) = upstream else {
         return std::future::pending().await;
     };
@@ -1090,8 +1113,13 @@ async fn read_upstream(upstream: Option<&mut Upstream>, buf: &mut BytesMut) -> i
         Link::Pinned(stream) => stream.read_when_ready(buf, REPLY_READ_SIZE).await,
         Link::Shared(link) => match link.inbox.recv().await {
             Some(Delivery::Replies(bytes)) => {
-                buf.extend_from_slice(&bytes);
-                Ok(bytes.len())
+                let n = bytes.len();
+                if buf.is_empty() {
+                    *delivered = bytes;
+                } else {
+                    buf.extend_from_slice(&bytes);
+                }
+                Ok(n)
             }
             Some(Delivery::Lost(why)) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
             Some(Delivery::NotSent(bytes)) => {

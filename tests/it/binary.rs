@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::free_port;
-use crate::support::proxy::{config_toml, Options, Raw};
+use crate::support::proxy::{config_toml, two, Options, Raw};
 use crate::support::redis_server::RedisServer;
 use crate::support::{eventually, wait_blocked};
 
@@ -185,14 +185,20 @@ impl Binary {
     }
 
     pub async fn start_options(member: &RedisServer, options: Options) -> Binary {
+        Binary::start_members(&[("local", member.addr())], options).await
+    }
+
+    /// In front of `members` (as `config_toml` takes them).
+    pub async fn start_members(members: &[(&str, String)], options: Options) -> Binary {
         let (port, admin) = (free_port(), free_port());
-        let text = config_toml(&[("local", member.addr())], &options)
+        let text = config_toml(members, &options)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
         let config = write_config(&text);
         let child = Command::new(BIN)
             .arg("--config")
             .arg(config.path())
+            .stdin(Stdio::null())
             // GEOPROXY_LOG=debug shows the binary's logs in a failing test's output.
             .stdout(match std::env::var_os("GEOPROXY_LOG") {
                 Some(_) => Stdio::inherit(),
@@ -225,6 +231,16 @@ impl Binary {
         }
     }
 
+    /// Sets the running process's soft limit of open files (util-linux's `prlimit`).
+    pub fn limit_open_files(&self, soft: u32) {
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={}", self.child.id()))
+            .arg(format!("--nofile={soft}:"))
+            .status()
+            .expect("run prlimit");
+        assert!(status.success(), "prlimit failed");
+    }
+
     /// Resident memory of the geoproxy process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -254,8 +270,10 @@ impl Drop for Binary {
 async fn a_slow_reader_of_a_100_mb_reply_does_not_grow_the_proxy() {
     let member = RedisServer::start();
     let chunk = "z".repeat(10 * 1024 * 1024);
-    for _ in 0..10 {
-        member.query(&["APPEND", "huge", &chunk]);
+    for i in 0..10 {
+        // SETRANGE, not APPEND: a query may be tried again (see `RedisServer::query`).
+        let offset = (i * chunk.len()).to_string();
+        member.query(&["SETRANGE", "huge", &offset, &chunk]);
     }
     let proxy = Binary::start(&member).await;
     let before = proxy.rss_kib();
@@ -307,4 +325,131 @@ async fn sigterm_drains_in_flight_replies_and_exits_zero() {
         tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
         "no longer listening"
     );
+}
+
+/// A proxy out of file descriptors (more clients than its limit) cannot open a connection
+/// to check a member: that failure is its own, not the member's, and must not fail over
+/// from a healthy member. Active checks are out of reach (10 s interval): the only judge is
+/// the probe that confirms a session's lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_out_of_file_descriptors_does_not_fail_over() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        interval: "10s",
+        multiplex: Some(false),
+        ..Options::default()
+    };
+    let proxy = Binary::start_members(&two(&east, &west), options).await;
+    // One keep-alive connection to the admin port, opened now: it still answers when the
+    // proxy can open nothing more.
+    let admin = KeptAlive::connect(proxy.admin).await;
+    let metric = |sample: &'static str| admin.metric(sample);
+    let east_active = "geoproxy_active_member{member=\"us-east\"}";
+    assert_eq!(metric(east_active).await, Some(1.0));
+    let mut client = Raw::connect(proxy.addr).await;
+    client.roundtrip(b"SET k east\r\n", b"+OK\r\n").await;
+
+    // Out of descriptors: with a limit of 3, a new one would need a number below 3, and
+    // stdin, stdout and stderr hold those (a descriptor that a closed connection frees
+    // has a higher number and cannot be taken again).
+    proxy.limit_open_files(3);
+    // The member closes every client connection (the session's among them): the session
+    // reports it, and the confirming probe cannot even open a socket.
+    east.query(&["CLIENT", "KILL", "TYPE", "normal"]);
+    // The probe's outcome, whatever it is (it exists with or without the judgment this
+    // test is about).
+    let outcome = || async {
+        let text = admin.get("/metrics").await;
+        text.lines()
+            .filter(|l| l.starts_with("geoproxy_passive_signals_total{"))
+            .filter(|l| l.contains("kind=\"connection_lost\"") && l.contains("us-east"))
+            .find_map(|l| Some(l.split("outcome=\"").nth(1)?.split('"').next()?.to_string()))
+    };
+    eventually(Duration::from_secs(5), "the probe has judged", || async {
+        outcome().await.is_some()
+    })
+    .await;
+    assert_eq!(metric(east_active).await, Some(1.0), "failed over");
+    assert_eq!(outcome().await.as_deref(), Some("inconclusive"));
+    let east_up = "geoproxy_member_up{member=\"us-east\"}";
+    assert_eq!(metric(east_up).await, Some(1.0));
+    let inconclusive = "geoproxy_checks_inconclusive_total{check=\"confirm\",member=\"us-east\"}";
+    assert_eq!(metric(inconclusive).await, Some(1.0));
+
+    // Room again: the session reconnects to us-east, where its key is.
+    proxy.limit_open_files(1024);
+    client.roundtrip(b"GET k\r\n", b"$4\r\neast\r\n").await;
+}
+
+/// The same for the active checks: a check whose connection the member closed cannot open
+/// another while the proxy is out of descriptors, and that says nothing of the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_cannot_open_a_socket_does_not_fail_the_member() {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let options = Options {
+        interval: "100ms",
+        ..Options::default()
+    };
+    let proxy = Binary::start_members(&two(&east, &west), options).await;
+    let admin = KeptAlive::connect(proxy.admin).await;
+    let metric = |sample: &'static str| admin.metric(sample);
+    let east_active = "geoproxy_active_member{member=\"us-east\"}";
+    assert_eq!(metric(east_active).await, Some(1.0));
+
+    proxy.limit_open_files(3); // see a_proxy_out_of_file_descriptors_does_not_fail_over
+    east.query(&["CLIENT", "KILL", "TYPE", "normal"]); // the checks' connections
+                                                       // `fall = 2` failed runs would fail it over: wait for more runs than that, or for the
+                                                       // failover.
+    let inconclusive = "geoproxy_checks_inconclusive_total{check=\"ping\",member=\"us-east\"}";
+    eventually(Duration::from_secs(5), "three check runs", || async move {
+        metric(inconclusive).await.is_some_and(|n| n >= 3.0)
+            || metric(east_active).await != Some(1.0)
+    })
+    .await;
+    assert_eq!(metric(east_active).await, Some(1.0), "failed over");
+    proxy.limit_open_files(1024);
+}
+
+/// One HTTP/1.1 connection to the admin port, kept open and used for every request (a
+/// client with a pool may open another, which a proxy out of descriptors never accepts).
+struct KeptAlive(tokio::sync::Mutex<tokio::io::BufReader<tokio::net::TcpStream>>);
+
+impl KeptAlive {
+    async fn connect(addr: std::net::SocketAddr) -> KeptAlive {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        KeptAlive(tokio::sync::Mutex::new(tokio::io::BufReader::new(stream)))
+    }
+
+    /// The body of `GET path` (its length from `content-length`).
+    async fn get(&self, path: &str) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let mut conn = self.0.lock().await;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: geoproxy\r\n\r\n");
+        conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            conn.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        conn.read_exact(&mut body).await.unwrap();
+        String::from_utf8(body).unwrap()
+    }
+
+    /// The value of one sample of `/metrics`.
+    async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
 }

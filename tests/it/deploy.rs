@@ -126,7 +126,8 @@ fn exported_names() -> BTreeSet<String> {
     m.member_up("a", true);
     m.active_member("a", true);
     m.switched("a", "b", "check:ping");
-    m.passive_signals("a", "connection_lost", true, 1);
+    m.passive_signals("a", "connection_lost", "confirmed", 1);
+    m.check_inconclusive("a", "confirm");
     m.refusals("a", 1);
     m.check("a", "ping", 0.001, true);
     m.member_synced("a", true);

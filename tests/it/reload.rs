@@ -257,3 +257,38 @@ async fn listener_changes_need_a_restart_and_health_changes_apply_without_a_swit
     session.roundtrip(b"GET k\r\n", b"$1\r\nv\r\n").await;
     assert!(std::net::TcpStream::connect(("127.0.0.1", other_port)).is_err());
 }
+
+/// A member that a reload removed keeps none of the proxy's connections: the shared ones
+/// close once nothing is owed on them, and the idle ones of its own that a worker kept
+/// close at the worker's next use of its pools (`proxy.multiplex`, the default).
+#[tokio::test]
+async fn a_removed_member_keeps_no_pooled_connection() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let multiplexed = |members: &[(&str, String)]| {
+        config(members, "").replace("[proxy]\n", "[proxy]\nmultiplex = true\n")
+    };
+    let proxy = started(&multiplexed(&[("a", a.addr()), ("b", b.addr())])).await;
+    let mut shared = Raw::connect(proxy.addr).await;
+    shared.roundtrip(b"SET k v\r\n", b"+OK\r\n").await;
+    // A transaction pins a connection of its own, kept idle once the session shares again.
+    let mut pinned = Raw::connect(proxy.addr).await;
+    pinned
+        .roundtrip(b"MULTI\r\nEXEC\r\n", b"+OK\r\n*0\r\n")
+        .await;
+    pinned.roundtrip(b"GET k\r\n", b"$1\r\nv\r\n").await;
+    let a_clients = || a.info_field("clients", "connected_clients");
+    assert_ne!(a_clients().as_deref(), Some("1"), "nothing pooled for a");
+
+    proxy.rewrite(&multiplexed(&[("b", b.addr())]));
+    let (code, body) = proxy.post("/v1/reload").await;
+    assert_eq!(code, 200, "{body}");
+    writes_land_on(&mut shared, &b, 0, "s").await;
+    writes_land_on(&mut pinned, &b, 0, "p").await;
+    // Only the connection asking is left.
+    eventually(
+        Duration::from_secs(5),
+        "a has no connection from geoproxy",
+        || async { a_clients().as_deref() == Some("1") },
+    )
+    .await;
+}
