@@ -5,13 +5,14 @@
 #     ratios are comparable (the machine is noisy across runs):
 #       geoproxy       proxy.multiplex = true   port 7501, admin 7502, $RUN/geoproxy.toml
 #       geoproxy_1to1  proxy.multiplex = false  port 7601, admin 7602, $RUN/geoproxy_1to1.toml
-#       geoproxy_1t    proxy.multiplex = true, proxy.threads = 1 (one worker), port 7701
+#       geoproxy_cores proxy.multiplex = true, proxy.threads = 0 (one worker per core), port 7701
 #                      (not in the default TARGETS; add it to compare worker counts)
 #     each with its own PID for the CPU columns; multiplex is written in each TOML
 #     and also pinned per process with GEOPROXY__PROXY__MULTIPLEX (an env override
 #     beats the file, so a stray one in the caller's environment cannot flip it).
-#     NB: the shared script's single "geoproxy" target sets no multiplex key, i.e.
-#     runs the default (false) -- here "geoproxy" means multiplexed.
+#     The shared script's single "geoproxy" target sets neither key, i.e. runs the
+#     defaults (multiplex = true since 8c054ea; co-located: one worker), as "geoproxy"
+#     does here; geoproxy_1to1 is the same with multiplex = false.
 #   * default TARGETS="direct geoproxy geoproxy_1to1 haproxy nutcracker tokio_relay"
 #   * the tokio relay source is taken from $SHARED_BENCH/relay
 #     (SHARED_BENCH defaults to $HERE/../../shared/bench, i.e. /work/shared/bench)
@@ -98,10 +99,10 @@ mkdir -p "$RUN"
 
 declare -A PORT=([direct]=7001 [haproxy]=7101 [haproxy_splice]=7102
                  [nutcracker]=7201 [socat]=7301 [tokio_relay]=7401 [geoproxy]=7501
-                 [geoproxy_1to1]=7601 [geoproxy_1t]=7701)
-declare -A ADMIN_PORT=([geoproxy]=7502 [geoproxy_1to1]=7602 [geoproxy_1t]=7702)
-declare -A MULTIPLEX=([geoproxy]=true [geoproxy_1to1]=false [geoproxy_1t]=true)
-declare -A THREADS=([geoproxy_1t]=1)   # unset: the default (one worker per core)
+                 [geoproxy_1to1]=7601 [geoproxy_cores]=7701)
+declare -A ADMIN_PORT=([geoproxy]=7502 [geoproxy_1to1]=7602 [geoproxy_cores]=7702)
+declare -A MULTIPLEX=([geoproxy]=true [geoproxy_1to1]=false [geoproxy_cores]=true)
+declare -A THREADS=([geoproxy_cores]=0)   # unset: the default (co-located: one worker)
 declare -A WL=(
   [a]="-c 50 -n 200000 -t get,set -P 1"
   [b]="-c 50 -n 1000000 -t get,set -P 16"
@@ -240,7 +241,7 @@ CONF
   p=$!; PIDS+=($p); PROXYPID[$t]=$p
   wait_ping "$port" || { tail -20 "$RUN/$t.log" >&2; exit 1; }
 }
-for t in geoproxy geoproxy_1to1 geoproxy_1t; do
+for t in geoproxy geoproxy_1to1 geoproxy_cores; do
   if [[ " $TARGETS " == *" $t "* ]]; then start_geoproxy "$t"; fi
 done
 

@@ -49,9 +49,13 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SHARED_CONNECTIONS: usize = 1;
 /// Default for `proxy.idle_pinned`.
 const DEFAULT_IDLE_PINNED: usize = 16;
-/// Default for `proxy.threads`: 0, one worker per core, as HAProxy does. A worker that
-/// has no traffic costs nothing; set 1 to keep a sidecar on one core.
-pub const DEFAULT_THREADS: usize = 0;
+/// Default for `proxy.threads` in the co-located mode: one worker (in the centralized and
+/// pooled modes, and for `threads = 0`: one per core, as HAProxy does; a worker with no
+/// traffic costs nothing). Beside the application
+/// it keeps to one core, and with multiplexing one worker gathers the commands of all
+/// clients into one shared connection (two workers on two cores shared with the clients
+/// and Redis: 0.75 of direct Redis at 50 clients, one worker 0.82-1.00; benches/README.md).
+pub const COLOCATED_THREADS: usize = 1;
 /// Default for `health.interval` (time between two PING checks of one member).
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for `health.timeout` (a check not answered within it has failed). It starts once
@@ -1204,9 +1208,10 @@ fn validate(raw: raw::File) -> Result<Config, ConfigError> {
             shutdown_timeout,
             client_idle_timeout,
             client_query_buffer_limit,
-            threads: match p.threads.unwrap_or(DEFAULT_THREADS) {
-                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                n => n,
+            threads: match p.threads {
+                None if p.mode == Mode::Colocated => COLOCATED_THREADS,
+                None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n) => n,
             },
             multiplex: p.multiplex.unwrap_or(true),
             shared_connections: match p.shared_connections {
@@ -1927,6 +1932,15 @@ mod tests {
         assert_eq!(c.failover.failback, Failback::Auto);
         assert_eq!(c.failover.failback_after, DEFAULT_FAILBACK_AFTER);
         assert_eq!(c.proxy.max_clients, DEFAULT_MAX_CLIENTS);
+        assert!(c.proxy.multiplex);
+        assert_eq!(c.proxy.threads, COLOCATED_THREADS);
+    }
+
+    #[test]
+    fn threads_zero_is_one_worker_per_core() {
+        let text = MINIMAL.replace("mode = \"colocated\"", "mode = \"colocated\"\nthreads = 0");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Config::from_toml(&text).unwrap().proxy.threads, cores);
     }
 
     #[test]

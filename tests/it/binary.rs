@@ -175,7 +175,7 @@ impl Binary {
 
     /// With more `[proxy]` keys (TOML lines).
     pub async fn start_with(member: &RedisServer, extra_proxy: &'static str) -> Binary {
-        // threads = 0: one worker per core, the binary's default.
+        // threads = 0: one worker per core (several workers, as the central modes run).
         let options = Options {
             threads: 0,
             extra_proxy,
