@@ -377,13 +377,16 @@ impl SharedTask {
         // Sessions with replies still to come on this connection (the reader's FIFO and
         // what the writer has told it of): the writer waits a turn while it is not zero.
         let outstanding = AtomicUsize::new(0);
+        // A batch the writer has taken from the queue and not yet gathered into a write: if
+        // the connection ends meanwhile, it goes back to its session like the queued ones.
+        let mut held = None;
         // Biased, replies first: a connection the member closed is seen closed before the
         // next batch is written to it, so that batch goes back unsent (to the next member)
         // rather than lost with an unknown outcome.
         let why = tokio::select! {
             biased;
             r = read_replies(reader, &mut owed_rx, &mut fifo, &outstanding) => r,
-            r = write_batches(&mut queued, owed_tx, writer, &self.metrics, &outstanding) => r,
+            r = write_batches(&mut queued, &mut held, owed_tx, writer, &self.metrics, &outstanding) => r,
             r = retire(&self.member, &self.conn, &outstanding) => r,
         };
         self.conn.alive.store(false, Ordering::Release);
@@ -409,7 +412,10 @@ impl SharedTask {
             unknown.push(o.owner);
         }
         let mut unsent: Vec<(mpsc::Sender<Delivery>, BytesMut)> = Vec::new();
-        while let Ok(batch) = queued.try_recv() {
+        let never_written = held
+            .into_iter()
+            .chain(std::iter::from_fn(|| queued.try_recv().ok()));
+        for batch in never_written {
             if unknown.iter().any(|u| u.same_channel(&batch.owner)) {
                 continue; // its Lost covers these too
             }
@@ -444,6 +450,7 @@ async fn retire(member: &Member, conn: &SharedConn, outstanding: &AtomicUsize) -
 /// Returns why it stopped.
 async fn write_batches(
     queued: &mut mpsc::UnboundedReceiver<Batch>,
+    held: &mut Option<Batch>,
     owed: mpsc::UnboundedSender<Owed>,
     mut writer: WriteHalf<Stream>,
     metrics: &Metrics,
@@ -451,7 +458,7 @@ async fn write_batches(
 ) -> String {
     let mut out = Gathered::default();
     loop {
-        let Some(first) = queued.recv().await else {
+        let Some(mut first) = queued.recv().await else {
             // Every handle is gone: nobody can send here any more. Wait for the replies.
             return std::future::pending().await;
         };
@@ -461,7 +468,12 @@ async fn write_batches(
         // less per command: 4 batches per write became 8 at 50 clients). An idle
         // connection writes at once: a client alone waits for nobody.
         if outstanding.load(Ordering::Relaxed) > 0 {
+            *held = Some(first);
             tokio::task::yield_now().await;
+            let Some(batch) = held.take() else {
+                continue; // (only this loop takes it while the connection lives)
+            };
+            first = batch;
         }
         let mut batches = 0u64;
         let mut next = Some(first);
