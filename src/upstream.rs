@@ -242,7 +242,7 @@ pub async fn connect(member: &MemberConfig) -> Result<Stream, UpstreamError> {
 
 /// Out of file descriptors or kernel buffers in this process or host (EMFILE, ENFILE,
 /// ENOBUFS, ENOMEM): the connect never reached the member, so it says nothing about it.
-fn is_local_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_local_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 

@@ -27,6 +27,7 @@ use super::State;
 use crate::config::{HealthConfig, Timing};
 use crate::member::{Member, MemberIdx, Members};
 use crate::metrics::Metrics;
+use crate::upstream;
 
 /// One kind of active check.
 pub trait Check: Send + 'static {
@@ -67,12 +68,8 @@ impl<C: Check> Checker<C> {
             };
             let seconds = started.elapsed().as_secs_f64();
             if let Err(why) = &result {
-                if out_of_descriptors() {
-                    // The connect (or the program) never left this host: that says nothing
-                    // about the member, and a proxy full of clients must not fail over
-                    // from a healthy one. Not recorded; tried again at the next interval.
-                    warn!(member = member.id(), check = %name, why, "check inconclusive: out of file descriptors");
-                    self.metrics.check_inconclusive(member.id(), &name);
+                if inconclusive(member, &name, why, &self.metrics) {
+                    // Not recorded: tried again at the next interval.
                     next = Instant::now() + jittered(self.timing.interval);
                     continue;
                 }
@@ -95,14 +92,22 @@ impl<C: Check> Checker<C> {
     }
 }
 
-/// Is this process out of file descriptors (EMFILE, or ENFILE for the host) now? Asked
-/// after a failed check, whose own error is often only a string by then (a connect, an
-/// HTTP client, a program that could not start): opening `/dev/null` fails the same way.
-pub(crate) fn out_of_descriptors() -> bool {
-    match std::fs::File::open("/dev/null") {
-        Ok(_) => false,
-        Err(e) => matches!(e.raw_os_error(), Some(24 | 23)),
+/// Is the failure (`why`) of a run of `check` inconclusive: did it happen while this process
+/// cannot open a file (out of descriptors)? Then the connect, HTTP request or program never
+/// left this host, which says nothing about the member, and a proxy full of clients must
+/// not fail over from a healthy one. Logged and counted here when it is. Asked after the
+/// fact because a check's error is only words by then; opening `/dev/null` fails the same
+/// way ([`upstream::is_local_exhaustion`], as a session's failed connect is judged).
+pub(crate) fn inconclusive(member: &Member, check: &str, why: &str, metrics: &Metrics) -> bool {
+    let Err(e) = std::fs::File::open("/dev/null") else {
+        return false;
+    };
+    if !upstream::is_local_exhaustion(&e) {
+        return false;
     }
+    warn!(member = member.id(), check, why, error = %e, "check inconclusive: out of file descriptors");
+    metrics.check_inconclusive(member.id(), check);
+    true
 }
 
 /// One result of check `slot` (named `name`) of member `idx`: counted, fed to the member's

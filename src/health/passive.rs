@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::check::{out_of_descriptors, publish};
+use super::check::{inconclusive, publish};
 use super::errors::ErrorWindow;
 use super::ping::PingCheck;
 use super::{Cause, State};
@@ -63,9 +63,8 @@ impl Passive {
     async fn confirm(&self, probe: &mut PingCheck) {
         let member = self.members.get(self.idx);
         let (covers, counts) = member.evidence.take();
-        let mut inconclusive = false;
-        let (healthy, why) = if member.state() == State::Down {
-            (false, String::new()) // already down: nothing to confirm
+        let probed = if member.state() == State::Down {
+            Probed::Down(String::new()) // already down: nothing to confirm
         } else {
             let started = Instant::now();
             let result = probe.fresh(&member.config).await;
@@ -73,18 +72,17 @@ impl Passive {
             self.metrics
                 .check(member.id(), "confirm", seconds, result.is_ok());
             match result {
-                Ok(()) => (true, String::new()),
-                Err(e) => {
-                    // A probe that could not get out of this host proves nothing.
-                    inconclusive = out_of_descriptors();
-                    (false, e)
+                Ok(()) => Probed::Healthy,
+                Err(why) if inconclusive(member, "confirm", &why, &self.metrics) => {
+                    Probed::Inconclusive
                 }
+                Err(why) => Probed::Down(why),
             }
         };
-        let outcome = match (healthy, inconclusive) {
-            (true, _) => "dismissed",
-            (false, true) => "inconclusive",
-            (false, false) => "confirmed",
+        let outcome = match probed {
+            Probed::Healthy => "dismissed",
+            Probed::Inconclusive => "inconclusive",
+            Probed::Down(_) => "confirmed",
         };
         for signal in Signal::ALL {
             let n = counts[signal.index()];
@@ -93,31 +91,37 @@ impl Passive {
                     .passive_signals(member.id(), signal.label(), outcome, n);
             }
         }
-        if healthy {
-            debug!(
+        match &probed {
+            Probed::Healthy => debug!(
                 member = member.id(),
                 "passive signal dismissed: the member answers"
-            );
-        } else if inconclusive {
-            // Not healthy for the sessions that asked (they follow the route, which stays),
-            // and not down: a proxy out of descriptors must not fail over from a member
-            // that may be fine.
-            warn!(
-                member = member.id(),
-                why, "probe inconclusive: out of file descriptors"
-            );
-            self.metrics.check_inconclusive(member.id(), "confirm");
-        } else if member.state() != State::Down {
-            // The kind reported most names the cause.
-            let kind = Signal::ALL
-                .into_iter()
-                .max_by_key(|s| counts[s.index()])
-                .unwrap_or(Signal::ConnectionLost);
-            let why = format!("{kind}, confirmed: {why}");
-            let change = member.force_down(Cause::Passive(kind), why.clone(), Instant::now());
-            publish(&self.members, self.idx, &self.metrics, change, Some(&why));
+            ),
+            // Not healthy for the sessions that asked (they follow the route, which
+            // stays), and not down.
+            Probed::Inconclusive => {}
+            Probed::Down(why) if member.state() != State::Down => {
+                // The kind reported most names the cause.
+                let kind = Signal::ALL
+                    .into_iter()
+                    .max_by_key(|s| counts[s.index()])
+                    .unwrap_or(Signal::ConnectionLost);
+                let why = format!("{kind}, confirmed: {why}");
+                let change = member.force_down(Cause::Passive(kind), why.clone(), Instant::now());
+                publish(&self.members, self.idx, &self.metrics, change, Some(&why));
+            }
+            Probed::Down(_) => {}
         }
         // After the flip is published: a session told "down" finds the member down too.
-        member.evidence.decide(covers, healthy);
+        member
+            .evidence
+            .decide(covers, matches!(probed, Probed::Healthy));
     }
+}
+
+/// What the confirming probe found.
+enum Probed {
+    Healthy,
+    Down(String),
+    /// It could not leave this host (out of file descriptors): no verdict.
+    Inconclusive,
 }

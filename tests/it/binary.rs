@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::free_port;
-use crate::support::proxy::{config_toml, two, Options, Raw};
+use crate::support::proxy::{config_toml, sample_value, two, Options, Raw};
 use crate::support::redis_server::RedisServer;
 use crate::support::{eventually, wait_blocked};
 
@@ -327,26 +327,33 @@ async fn sigterm_drains_in_flight_replies_and_exits_zero() {
     );
 }
 
+/// us-east (active) and eu-west behind the binary, the binary reached by one keep-alive
+/// admin connection: it still answers when the proxy can open nothing more.
+async fn out_of_descriptors_setup(
+    options: Options,
+) -> (RedisServer, RedisServer, Binary, KeptAlive) {
+    let east = RedisServer::start();
+    let west = RedisServer::start();
+    let proxy = Binary::start_members(&two(&east, &west), options).await;
+    let admin = KeptAlive::connect(proxy.admin).await;
+    assert_eq!(admin.metric(EAST_ACTIVE).await, Some(1.0));
+    (east, west, proxy, admin)
+}
+
+const EAST_ACTIVE: &str = "geoproxy_active_member{member=\"us-east\"}";
+
 /// A proxy out of file descriptors (more clients than its limit) cannot open a connection
 /// to check a member: that failure is its own, not the member's, and must not fail over
 /// from a healthy member. Active checks are out of reach (10 s interval): the only judge is
 /// the probe that confirms a session's lost connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_out_of_file_descriptors_does_not_fail_over() {
-    let east = RedisServer::start();
-    let west = RedisServer::start();
     let options = Options {
         interval: "10s",
         multiplex: Some(false),
         ..Options::default()
     };
-    let proxy = Binary::start_members(&two(&east, &west), options).await;
-    // One keep-alive connection to the admin port, opened now: it still answers when the
-    // proxy can open nothing more.
-    let admin = KeptAlive::connect(proxy.admin).await;
-    let metric = |sample: &'static str| admin.metric(sample);
-    let east_active = "geoproxy_active_member{member=\"us-east\"}";
-    assert_eq!(metric(east_active).await, Some(1.0));
+    let (east, _west, proxy, admin) = out_of_descriptors_setup(options).await;
     let mut client = Raw::connect(proxy.addr).await;
     client.roundtrip(b"SET k east\r\n", b"+OK\r\n").await;
 
@@ -370,12 +377,12 @@ async fn a_proxy_out_of_file_descriptors_does_not_fail_over() {
         outcome().await.is_some()
     })
     .await;
-    assert_eq!(metric(east_active).await, Some(1.0), "failed over");
+    assert_eq!(admin.metric(EAST_ACTIVE).await, Some(1.0), "failed over");
     assert_eq!(outcome().await.as_deref(), Some("inconclusive"));
     let east_up = "geoproxy_member_up{member=\"us-east\"}";
-    assert_eq!(metric(east_up).await, Some(1.0));
+    assert_eq!(admin.metric(east_up).await, Some(1.0));
     let inconclusive = "geoproxy_checks_inconclusive_total{check=\"confirm\",member=\"us-east\"}";
-    assert_eq!(metric(inconclusive).await, Some(1.0));
+    assert_eq!(admin.metric(inconclusive).await, Some(1.0));
 
     // Room again: the session reconnects to us-east, where its key is.
     proxy.limit_open_files(1024);
@@ -386,32 +393,25 @@ async fn a_proxy_out_of_file_descriptors_does_not_fail_over() {
 /// another while the proxy is out of descriptors, and that says nothing of the member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_that_cannot_open_a_socket_does_not_fail_the_member() {
-    let east = RedisServer::start();
-    let west = RedisServer::start();
     let options = Options {
         interval: "100ms",
         ..Options::default()
     };
-    let proxy = Binary::start_members(&two(&east, &west), options).await;
-    let admin = KeptAlive::connect(proxy.admin).await;
-    let metric = |sample: &'static str| admin.metric(sample);
-    let east_active = "geoproxy_active_member{member=\"us-east\"}";
-    assert_eq!(metric(east_active).await, Some(1.0));
-
+    let (east, _west, proxy, admin) = out_of_descriptors_setup(options).await;
     proxy.limit_open_files(3); // see a_proxy_out_of_file_descriptors_does_not_fail_over
-    east.query(&["CLIENT", "KILL", "TYPE", "normal"]); // the checks' connections
-                                                       // `fall = 2` failed runs would fail it over: wait for more runs than that, or for the
-                                                       // failover.
+                               // The checks' connections go; `fall = 2` failed runs would fail us-east over: wait for
+                               // more runs than that, or for the failover.
+    east.query(&["CLIENT", "KILL", "TYPE", "normal"]);
     let inconclusive = "geoproxy_checks_inconclusive_total{check=\"ping\",member=\"us-east\"}";
+    let admin = &admin;
     eventually(Duration::from_secs(5), "three check runs", || async move {
-        metric(inconclusive).await.is_some_and(|n| n >= 3.0)
-            || metric(east_active).await != Some(1.0)
+        admin.metric(inconclusive).await.is_some_and(|n| n >= 3.0)
+            || admin.metric(EAST_ACTIVE).await != Some(1.0)
     })
     .await;
-    assert_eq!(metric(east_active).await, Some(1.0), "failed over");
+    assert_eq!(admin.metric(EAST_ACTIVE).await, Some(1.0), "failed over");
     proxy.limit_open_files(1024);
 }
-
 /// One HTTP/1.1 connection to the admin port, kept open and used for every request (a
 /// client with a pool may open another, which a proxy out of descriptors never accepts).
 struct KeptAlive(tokio::sync::Mutex<tokio::io::BufReader<tokio::net::TcpStream>>);
@@ -448,8 +448,6 @@ impl KeptAlive {
 
     /// The value of one sample of `/metrics`.
     async fn metric(&self, sample: &str) -> Option<f64> {
-        let text = self.get("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        sample_value(&self.get("/metrics").await, sample)
     }
 }

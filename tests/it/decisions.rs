@@ -43,11 +43,7 @@ async fn two_members(options: Options) -> (RedisServer, RedisServer, Proxy) {
 
 /// The id of the client named `name` on `member` (from `CLIENT LIST`).
 fn client_id(member: &RedisServer, name: &str) -> String {
-    let text = match member.query(&["CLIENT", "LIST"]) {
-        Value::BulkString(b) => String::from_utf8(b).unwrap(),
-        Value::VerbatimString { text, .. } => text,
-        other => panic!("CLIENT LIST answered {other:?}"),
-    };
+    let text = member.client_list();
     let field = format!("name={name} ");
     let line = text
         .lines()

@@ -19,12 +19,9 @@ fn shared_options() -> Options {
 /// one this count itself uses): by `CLIENT LIST`, those whose last command was not the
 /// checker's (PING, COMMAND) or this CLIENT LIST.
 fn session_connections(member: &RedisServer) -> Vec<String> {
-    let list = match member.query(&["CLIENT", "LIST"]) {
-        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("CLIENT LIST answered {other:?}"),
-    };
-    list.lines()
+    member
+        .client_list()
+        .lines()
         .filter(|l| {
             !["cmd=ping ", "cmd=command ", "cmd=client|list "]
                 .iter()

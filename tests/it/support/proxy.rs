@@ -87,6 +87,13 @@ impl Default for Options {
     }
 }
 
+/// The value of the sample `sample` (`name{labels}`, labels in the order geoproxy writes
+/// them) in a Prometheus text page.
+pub fn sample_value(page: &str, sample: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// `members` are `(id, address)` in preference order; each id is also its region.
 pub fn config_toml(members: &[(&str, String)], o: &Options) -> String {
     let mut t = format!(
@@ -264,9 +271,7 @@ impl Proxy {
     /// The value of one metric sample line (`name{labels}`), 0 if absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        sample_value(&text, sample).unwrap_or(0.0)
     }
 
     /// Graceful shutdown; waits for the server task.

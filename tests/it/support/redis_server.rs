@@ -148,6 +148,15 @@ impl RedisServer {
         }
     }
 
+    /// `CLIENT LIST`: one line per connection the server has.
+    pub fn client_list(&self) -> String {
+        match self.query(&["CLIENT", "LIST"]) {
+            redis::Value::BulkString(b) => String::from_utf8(b).expect("CLIENT LIST is text"),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("CLIENT LIST answered {other:?}"),
+        }
+    }
+
     fn password(&self) -> Option<&str> {
         let i = self.extra_args.iter().position(|a| a == "--requirepass")?;
         self.extra_args.get(i + 1).map(String::as_str)
