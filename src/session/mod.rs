@@ -61,8 +61,10 @@ const REPLY_READ_SIZE: usize = 64 * 1024;
 /// commands one at a time, and every idle session keeps its buffer.
 const FIRST_REQUEST_READ: usize = 1024;
 /// The most room taken in the request buffer for a read: a read that fills half of its
-/// room doubles the next one, up to this (pipelines and large values).
-const MAX_REQUEST_READ: usize = 16 * 1024;
+/// room doubles the next one, up to this (pipelines and large values). Room for a few 16 KiB
+/// values: a command that does not fit the room left is copied into a new buffer, and with
+/// 16 KiB of room nearly every 16 KiB SET was (-6 % proxy CPU, +9 % SET rate at 64 KiB).
+const MAX_REQUEST_READ: usize = 64 * 1024;
 /// While commands wait (for a member, or for replies before a local answer), stop reading
 /// the client once this much is buffered: backpressure, not memory.
 const MAX_WAITING_BYTES: usize = 1024 * 1024;
