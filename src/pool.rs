@@ -20,13 +20,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -76,6 +78,38 @@ pub struct SharedConn {
     alive: AtomicBool,
     /// `None` while connecting; then `Ok` (ready) or why it could not be opened.
     opened: watch::Sender<Option<Result<(), String>>>,
+    /// The write side, once open: the writer task's, and a session's own while the
+    /// connection is idle (see [`SharedConn::send`]).
+    write: tokio::sync::Mutex<Option<WriteSide>>,
+    /// Sessions with replies still to come (the reader's FIFO and what it has been told).
+    outstanding: AtomicUsize,
+    /// Batches queued and not yet gathered into a write.
+    queued: AtomicUsize,
+    /// A session left bytes of its write unwritten (or unflushed): the writer finishes it.
+    unfinished: Notify,
+    metrics: Metrics,
+}
+
+/// A shared connection's write half, what has not gone out of it yet, and the reader's list
+/// of who owes what (told before the bytes go out).
+struct WriteSide {
+    half: WriteHalf<Stream>,
+    out: Gathered,
+    owed: mpsc::UnboundedSender<Owed>,
+}
+
+impl WriteSide {
+    /// Adds a batch to the next write, its owner to the reader's list first.
+    fn gather(&mut self, batch: Batch, outstanding: &AtomicUsize) {
+        self.out.push(batch.bytes);
+        if batch.replies > 0 {
+            outstanding.fetch_add(1, Ordering::Relaxed);
+            let _ = self.owed.send(Owed {
+                owner: batch.owner,
+                left: batch.replies,
+            });
+        }
+    }
 }
 
 impl SharedConn {
@@ -91,12 +125,56 @@ impl SharedConn {
         }
     }
 
-    /// Queues a batch; gives it back when the connection is gone (it never went out).
+    /// Sends a batch: written at once from the session's own task when the connection is
+    /// idle, else queued for the writer task. Gives it back when the connection is gone (it
+    /// never went out).
     pub fn send(&self, batch: Batch) -> Result<(), Batch> {
         if !self.alive() {
             return Err(batch);
         }
-        self.batches.send(batch).map_err(|e| e.0)
+        let Some(batch) = self.write_now(batch) else {
+            return Ok(());
+        };
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.batches.send(batch).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            e.0
+        })
+    }
+
+    /// Writes `batch` from the session's task when nothing is owed, queued or unfinished on
+    /// the connection (a client alone: one command, then its reply): it saves the hop
+    /// through the writer task, which that client would wait for on every command. One
+    /// try, without waiting (a waker that does nothing): an idle connection's send buffer
+    /// is empty, so the batch normally goes whole; what does not (or an error) is left to
+    /// the writer task, which does the waiting. Gives the batch back when it cannot.
+    fn write_now(&self, batch: Batch) -> Option<Batch> {
+        let Ok(mut side) = self.write.try_lock() else {
+            return Some(batch); // the writer task is writing
+        };
+        let idle = self.outstanding.load(Ordering::Relaxed) == 0
+            && self.queued.load(Ordering::Relaxed) == 0;
+        let Some(side) = side.as_mut().filter(|s| idle && !s.out.has_remaining()) else {
+            return Some(batch);
+        };
+        side.gather(batch, &self.outstanding);
+        self.metrics.shared_write(1);
+        let mut cx = Context::from_waker(Waker::noop());
+        let done = loop {
+            if !side.out.has_remaining() {
+                let flushed = Pin::new(&mut side.half).poll_flush(&mut cx);
+                break matches!(flushed, Poll::Ready(Ok(())));
+            }
+            let wrote =
+                tokio_util::io::poll_write_buf(Pin::new(&mut side.half), &mut cx, &mut side.out);
+            if !matches!(wrote, Poll::Ready(Ok(n)) if n > 0) {
+                break false;
+            }
+        };
+        if !done {
+            self.unfinished.notify_one();
+        }
+        None
     }
 
     /// Open and ready now (never waits).
@@ -208,6 +286,11 @@ impl Pools {
             batches,
             alive: AtomicBool::new(true),
             opened: watch::Sender::new(None),
+            write: tokio::sync::Mutex::new(None),
+            outstanding: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            unfinished: Notify::new(),
+            metrics: self.metrics.clone(),
         });
         conns.push(conn.clone());
         let task = SharedTask {
@@ -370,13 +453,15 @@ impl SharedTask {
             return; // open() makes a pinned link
         };
         self.metrics.member_connection(&id, "shared", 1);
+        let (reader, half) = tokio::io::split(stream);
+        let (owed, mut owed_rx) = mpsc::unbounded_channel();
+        *self.conn.write.lock().await = Some(WriteSide {
+            half,
+            out: Gathered::default(),
+            owed,
+        });
         self.conn.opened.send_replace(Some(Ok(())));
-        let (reader, writer) = tokio::io::split(stream);
-        let (owed_tx, mut owed_rx) = mpsc::unbounded_channel();
         let mut fifo = VecDeque::new();
-        // Sessions with replies still to come on this connection (the reader's FIFO and
-        // what the writer has told it of): the writer waits a turn while it is not zero.
-        let outstanding = AtomicUsize::new(0);
         // A batch the writer has taken from the queue and not yet gathered into a write: if
         // the connection ends meanwhile, it goes back to its session like the queued ones.
         let mut held = None;
@@ -385,11 +470,13 @@ impl SharedTask {
         // rather than lost with an unknown outcome.
         let why = tokio::select! {
             biased;
-            r = read_replies(reader, &mut owed_rx, &mut fifo, &outstanding) => r,
-            r = write_batches(&mut queued, &mut held, owed_tx, writer, &self.metrics, &outstanding) => r,
-            r = retire(&self.member, &self.conn, &outstanding) => r,
+            r = read_replies(reader, &mut owed_rx, &mut fifo, &self.conn.outstanding) => r,
+            r = write_batches(&mut queued, &mut held, &self.conn) => r,
+            r = retire(&self.member, &self.conn) => r,
         };
         self.conn.alive.store(false, Ordering::Release);
+        // What was left in the write side was told to the reader: lost with the FIFO below.
+        *self.conn.write.lock().await = None;
         self.metrics.member_connection(&id, "shared", -1);
         drop(attached);
         // The proxy's own connection closed: evidence either way (the probe that confirms
@@ -436,65 +523,69 @@ impl SharedTask {
 /// Ends the connection once a reload removed its member and no reply is owed on it: no
 /// session joins or writes to it from then on (it is not alive), and batches still queued
 /// go back to their sessions unsent, for their next member. Returns why it stopped.
-async fn retire(member: &Member, conn: &SharedConn, outstanding: &AtomicUsize) -> String {
+async fn retire(member: &Member, conn: &SharedConn) -> String {
     member.retired().await;
     conn.alive.store(false, Ordering::Release);
     // Rare (a reload), so a poll: the reader hands out the last replies meanwhile.
-    while outstanding.load(Ordering::Relaxed) > 0 {
+    while conn.outstanding.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     "its member was removed by a reload".into()
 }
 
-/// Writes queued batches, many sessions' at once; tells the reader who owes what first.
-/// Returns why it stopped.
+/// Writes queued batches, many sessions' at once (and what a session left unwritten);
+/// tells the reader who owes what first. Returns why it stopped.
 async fn write_batches(
     queued: &mut mpsc::UnboundedReceiver<Batch>,
     held: &mut Option<Batch>,
-    owed: mpsc::UnboundedSender<Owed>,
-    mut writer: WriteHalf<Stream>,
-    metrics: &Metrics,
-    outstanding: &AtomicUsize,
+    conn: &SharedConn,
 ) -> String {
-    let mut out = Gathered::default();
     loop {
-        let Some(mut first) = queued.recv().await else {
-            // Every handle is gone: nobody can send here any more. Wait for the replies.
-            return std::future::pending().await;
+        let mut first = tokio::select! {
+            biased;
+            () = conn.unfinished.notified() => None,
+            batch = queued.recv() => match batch {
+                Some(batch) => Some(batch),
+                // Every handle is gone: nobody can send here any more. Wait for the replies.
+                None => return std::future::pending().await,
+            },
         };
         // A connection with replies still to come keeps the member busy anyway: the
         // sessions woken with this one get a turn to queue their commands first, so that
         // they go out in the same write (a bigger batch costs the member and the proxy
         // less per command: 4 batches per write became 8 at 50 clients). An idle
         // connection writes at once: a client alone waits for nobody.
-        if outstanding.load(Ordering::Relaxed) > 0 {
-            *held = Some(first);
+        if first.is_some() && conn.outstanding.load(Ordering::Relaxed) > 0 {
+            *held = first;
             tokio::task::yield_now().await;
-            let Some(batch) = held.take() else {
+            first = held.take();
+            if first.is_none() {
                 continue; // (only this loop takes it while the connection lives)
-            };
-            first = batch;
+            }
         }
+        let mut side = conn.write.lock().await;
+        let Some(side) = side.as_mut() else {
+            return std::future::pending().await; // (set before any session joins)
+        };
         let mut batches = 0u64;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(batch) = next.take() {
             batches += 1;
-            out.push(batch.bytes);
-            if batch.replies > 0 {
-                outstanding.fetch_add(1, Ordering::Relaxed);
-                let _ = owed.send(Owed {
-                    owner: batch.owner,
-                    left: batch.replies,
-                });
-            }
-            if out.remaining() < MAX_WRITE {
+            side.gather(batch, &conn.outstanding);
+            // Counted out of the queue only once its owner is on the reader's list, so a
+            // session never writes past a batch of its own still waiting here.
+            conn.queued.fetch_sub(1, Ordering::Relaxed);
+            if side.out.remaining() < MAX_WRITE {
                 next = queued.try_recv().ok();
             }
         }
-        metrics.shared_write(batches);
+        if batches > 0 {
+            conn.metrics.shared_write(batches);
+        }
+        let WriteSide { half, out, .. } = side;
         let written = async {
-            writer.write_all_buf(&mut out).await?;
-            writer.flush().await
+            half.write_all_buf(out).await?;
+            half.flush().await
         };
         if let Err(e) = written.await {
             return format!("write: {e}");
@@ -645,6 +736,91 @@ fn front<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A batch that a session wrote itself on an idle connection, and that did not fit in
+    /// the socket (its peer does not read yet), is finished by the writer task, before the
+    /// batch queued after it, and both owners are on the reader's list in that order.
+    #[tokio::test]
+    async fn a_write_a_session_could_not_finish_goes_out_whole_before_the_next() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, accepted) = tokio::join!(ours, listener.accept());
+        let (mut member, _) = accepted.unwrap();
+        let (_reader, half) = tokio::io::split(Stream::Tcp(ours.unwrap()));
+        let (owed, mut owed_rx) = mpsc::unbounded_channel();
+        let (batches, mut queued) = mpsc::unbounded_channel();
+        let conn = SharedConn {
+            batches,
+            alive: AtomicBool::new(true),
+            opened: watch::Sender::new(Some(Ok(()))),
+            write: tokio::sync::Mutex::new(Some(WriteSide {
+                half,
+                out: Gathered::default(),
+                owed,
+            })),
+            outstanding: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            unfinished: Notify::new(),
+            metrics: Metrics::new(prometheus::Registry::new()),
+        };
+        let (first, _first_inbox) = mpsc::channel(INBOX_CHUNKS);
+        let (second, _second_inbox) = mpsc::channel(INBOX_CHUNKS);
+        // More than a loopback socket holds while its peer reads nothing.
+        let big = Bytes::from(vec![b'a'; 16 << 20]);
+        let batch = |bytes: Bytes, owner: &mpsc::Sender<Delivery>| Batch {
+            bytes,
+            replies: 1,
+            owner: owner.clone(),
+        };
+        assert!(conn.send(batch(big.clone(), &first)).is_ok());
+        let unfinished = conn
+            .write
+            .try_lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .out
+            .remaining();
+        assert!(unfinished > 0, "the session's own write went out whole");
+        assert_eq!(
+            conn.queued.load(Ordering::Relaxed),
+            0,
+            "written, not queued"
+        );
+
+        let mut held = None;
+        let writer = write_batches(&mut queued, &mut held, &conn);
+        let received = async {
+            let mut got = Vec::new();
+            // The writer task finishes it with nothing queued (the session woke it).
+            while got.len() < big.len() {
+                assert!(member.read_buf(&mut got).await.unwrap() > 0, "closed");
+            }
+            // Replies are owed now: the next batch is queued for the writer task.
+            assert!(conn
+                .send(batch(Bytes::from_static(b"tail"), &second))
+                .is_ok());
+            while got.len() < big.len() + 4 {
+                assert!(member.read_buf(&mut got).await.unwrap() > 0, "closed");
+            }
+            got
+        };
+        let both = async {
+            tokio::select! {
+                why = writer => panic!("the writer stopped: {why}"),
+                got = received => got,
+            }
+        };
+        let within = tokio::time::timeout(Duration::from_secs(10), both).await;
+        let got = within.expect("the unfinished write was never finished");
+        assert_eq!(conn.queued.load(Ordering::Relaxed), 0);
+        assert!(got[..big.len()] == big[..], "the first batch arrived whole");
+        assert_eq!(&got[big.len()..], b"tail");
+        let owners = [owed_rx.try_recv().unwrap(), owed_rx.try_recv().unwrap()];
+        assert!(owners[0].owner.same_channel(&first) && owners[1].owner.same_channel(&second));
+        assert_eq!(conn.outstanding.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn gathered_batches_advance_across_their_parts() {
