@@ -85,6 +85,8 @@ pub struct SharedConn {
     outstanding: AtomicUsize,
     /// Batches queued and not yet gathered into a write.
     queued: AtomicUsize,
+    /// Sessions' batches in the connection's last write: one means a client alone.
+    last_write: AtomicUsize,
     /// A session left bytes of its write unwritten (or unflushed): the writer finishes it.
     unfinished: Notify,
     metrics: Metrics,
@@ -143,12 +145,18 @@ impl SharedConn {
     }
 
     /// Writes `batch` from the session's task when nothing is owed, queued or unfinished on
-    /// the connection (a client alone: one command, then its reply): it saves the hop
-    /// through the writer task, which that client would wait for on every command. One
-    /// try, without waiting (a waker that does nothing): an idle connection's send buffer
-    /// is empty, so the batch normally goes whole; what does not (or an error) is left to
-    /// the writer task, which does the waiting. Gives the batch back when it cannot.
+    /// the connection and its last write carried one session's batch (a client alone: one
+    /// command, then its reply): it saves the hop through the writer task, which that
+    /// client would wait for on every command. When several sessions keep the connection
+    /// busy, the writer task (which runs after the sessions woken in the same turn) gathers
+    /// them into one write instead. One try, without waiting (a waker that does nothing):
+    /// an idle connection's send buffer is empty, so the batch normally goes whole; what
+    /// does not (or an error) is left to the writer task, which does the waiting. Gives the
+    /// batch back when it cannot.
     fn write_now(&self, batch: Batch) -> Option<Batch> {
+        if self.last_write.load(Ordering::Relaxed) > 1 {
+            return Some(batch);
+        }
         let Ok(mut side) = self.write.try_lock() else {
             return Some(batch); // the writer task is writing
         };
@@ -159,6 +167,7 @@ impl SharedConn {
         };
         side.gather(batch, &self.outstanding);
         self.metrics.shared_write(1);
+        self.last_write.store(1, Ordering::Relaxed);
         let mut cx = Context::from_waker(Waker::noop());
         let done = loop {
             if !side.out.has_remaining() {
@@ -289,6 +298,7 @@ impl Pools {
             write: tokio::sync::Mutex::new(None),
             outstanding: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            last_write: AtomicUsize::new(0),
             unfinished: Notify::new(),
             metrics: self.metrics.clone(),
         });
@@ -581,6 +591,7 @@ async fn write_batches(
         }
         if batches > 0 {
             conn.metrics.shared_write(batches);
+            conn.last_write.store(batches as usize, Ordering::Relaxed);
         }
         let WriteSide { half, out, .. } = side;
         let written = async {
@@ -761,6 +772,7 @@ mod tests {
             })),
             outstanding: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            last_write: AtomicUsize::new(0),
             unfinished: Notify::new(),
             metrics: Metrics::new(prometheus::Registry::new()),
         };
