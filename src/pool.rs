@@ -462,7 +462,6 @@ impl SharedTask {
         let Some((stream, attached)) = upstream.into_stream() else {
             return; // open() makes a pinned link
         };
-        self.metrics.member_connection(&id, "shared", 1);
         let (reader, half) = tokio::io::split(stream);
         let (owed, mut owed_rx) = mpsc::unbounded_channel();
         *self.conn.write.lock().await = Some(WriteSide {
@@ -470,6 +469,8 @@ impl SharedTask {
             out: Gathered::default(),
             owed,
         });
+        // Counted and ready in one step (no await between): whoever sees the gauge may join.
+        self.metrics.member_connection(&id, "shared", 1);
         self.conn.opened.send_replace(Some(Ok(())));
         let mut fifo = VecDeque::new();
         // A batch the writer has taken from the queue and not yet gathered into a write: if
