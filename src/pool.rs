@@ -85,7 +85,8 @@ pub struct SharedConn {
     outstanding: AtomicUsize,
     /// Batches queued and not yet gathered into a write.
     queued: AtomicUsize,
-    /// Sessions' batches in the connection's last write: one means a client alone.
+    /// Sessions' batches in the writer task's last write: at most one (or none yet) means a
+    /// client alone, which may write itself.
     last_write: AtomicUsize,
     /// A session left bytes of its write unwritten (or unflushed): the writer finishes it.
     unfinished: Notify,
@@ -115,6 +116,23 @@ impl WriteSide {
 }
 
 impl SharedConn {
+    /// A connection not open yet, and the queue its writer takes batches from.
+    fn new(metrics: Metrics) -> (SharedConn, mpsc::UnboundedReceiver<Batch>) {
+        let (batches, queued) = mpsc::unbounded_channel();
+        let conn = SharedConn {
+            batches,
+            alive: AtomicBool::new(true),
+            opened: watch::Sender::new(None),
+            write: tokio::sync::Mutex::new(None),
+            outstanding: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            last_write: AtomicUsize::new(0),
+            unfinished: Notify::new(),
+            metrics,
+        };
+        (conn, queued)
+    }
+
     /// Waits until the connection is open and its state replayed. A session joins a shared
     /// connection only then, so that a member that cannot be reached leaves its commands
     /// unsent (they wait for a member, as with a connection of its own) rather than lost.
@@ -167,7 +185,6 @@ impl SharedConn {
         };
         side.gather(batch, &self.outstanding);
         self.metrics.shared_write(1);
-        self.last_write.store(1, Ordering::Relaxed);
         let mut cx = Context::from_waker(Waker::noop());
         let done = loop {
             if !side.out.has_remaining() {
@@ -290,18 +307,8 @@ impl Pools {
         if conns.len() >= self.settings.shared.max(1) {
             return conns[turn % conns.len()].clone();
         }
-        let (batches, queued) = mpsc::unbounded_channel();
-        let conn = Arc::new(SharedConn {
-            batches,
-            alive: AtomicBool::new(true),
-            opened: watch::Sender::new(None),
-            write: tokio::sync::Mutex::new(None),
-            outstanding: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-            last_write: AtomicUsize::new(0),
-            unfinished: Notify::new(),
-            metrics: self.metrics.clone(),
-        });
+        let (conn, queued) = SharedConn::new(self.metrics.clone());
+        let conn = Arc::new(conn);
         conns.push(conn.clone());
         let task = SharedTask {
             member: member.clone(),
@@ -750,33 +757,35 @@ mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
 
+    /// A shared connection open over loopback, its queue, the reader's list of owners, and
+    /// the member's end (which reads only when the test does).
+    async fn open_over_tcp() -> (
+        SharedConn,
+        mpsc::UnboundedReceiver<Batch>,
+        mpsc::UnboundedReceiver<Owed>,
+        TcpStream,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, accepted) = tokio::join!(ours, listener.accept());
+        let (member, _) = accepted.unwrap();
+        let (_reader, half) = tokio::io::split(Stream::Tcp(ours.unwrap()));
+        let (owed, owed_rx) = mpsc::unbounded_channel();
+        let (conn, queued) = SharedConn::new(Metrics::new(prometheus::Registry::new()));
+        *conn.write.try_lock().unwrap() = Some(WriteSide {
+            half,
+            out: Gathered::default(),
+            owed,
+        });
+        (conn, queued, owed_rx, member)
+    }
+
     /// A batch that a session wrote itself on an idle connection, and that did not fit in
     /// the socket (its peer does not read yet), is finished by the writer task, before the
     /// batch queued after it, and both owners are on the reader's list in that order.
     #[tokio::test]
     async fn a_write_a_session_could_not_finish_goes_out_whole_before_the_next() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap());
-        let (ours, accepted) = tokio::join!(ours, listener.accept());
-        let (mut member, _) = accepted.unwrap();
-        let (_reader, half) = tokio::io::split(Stream::Tcp(ours.unwrap()));
-        let (owed, mut owed_rx) = mpsc::unbounded_channel();
-        let (batches, mut queued) = mpsc::unbounded_channel();
-        let conn = SharedConn {
-            batches,
-            alive: AtomicBool::new(true),
-            opened: watch::Sender::new(Some(Ok(()))),
-            write: tokio::sync::Mutex::new(Some(WriteSide {
-                half,
-                out: Gathered::default(),
-                owed,
-            })),
-            outstanding: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-            last_write: AtomicUsize::new(0),
-            unfinished: Notify::new(),
-            metrics: Metrics::new(prometheus::Registry::new()),
-        };
+        let (conn, mut queued, mut owed_rx, mut member) = open_over_tcp().await;
         let (first, _first_inbox) = mpsc::channel(INBOX_CHUNKS);
         let (second, _second_inbox) = mpsc::channel(INBOX_CHUNKS);
         // More than a loopback socket holds while its peer reads nothing.
@@ -833,6 +842,50 @@ mod tests {
         let owners = [owed_rx.try_recv().unwrap(), owed_rx.try_recv().unwrap()];
         assert!(owners[0].owner.same_channel(&first) && owners[1].owner.same_channel(&second));
         assert_eq!(conn.outstanding.load(Ordering::Relaxed), 2);
+    }
+
+    /// Once the writer task has gathered several sessions into one write, an idle connection
+    /// leaves the next batch to it as well (it gathers the sessions woken in that turn).
+    #[tokio::test]
+    async fn after_a_gathered_write_sessions_leave_writing_to_the_writer() {
+        let (conn, mut queued, _owed_rx, mut member) = open_over_tcp().await;
+        let (owner, _inbox) = mpsc::channel(INBOX_CHUNKS);
+        let one = |bytes: &'static [u8]| Batch {
+            bytes: Bytes::from_static(bytes),
+            replies: 1,
+            owner: owner.clone(),
+        };
+        // A reply is owed (as the reader would count it): two sessions' batches queue, and
+        // the writer gathers them into one write.
+        conn.outstanding.store(1, Ordering::Relaxed);
+        assert!(conn.send(one(b"a")).is_ok() && conn.send(one(b"b")).is_ok());
+        assert_eq!(conn.queued.load(Ordering::Relaxed), 2);
+        let mut held = None;
+        let writer = write_batches(&mut queued, &mut held, &conn);
+        let received = async {
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                assert!(member.read_buf(&mut got).await.unwrap() > 0, "closed");
+            }
+            got
+        };
+        let both = async {
+            tokio::select! {
+                why = writer => panic!("the writer stopped: {why}"),
+                got = received => got,
+            }
+        };
+        let got = tokio::time::timeout(Duration::from_secs(10), both).await;
+        assert_eq!(got.expect("never written"), b"ab");
+        assert_eq!(conn.last_write.load(Ordering::Relaxed), 2);
+        // The replies came: the connection is idle, and the next batch still queues.
+        conn.outstanding.store(0, Ordering::Relaxed);
+        assert!(conn.send(one(b"c")).is_ok());
+        assert_eq!(
+            conn.queued.load(Ordering::Relaxed),
+            1,
+            "written by its session"
+        );
     }
 
     #[test]
