@@ -558,10 +558,16 @@ async fn write_batches(
     held: &mut Option<Batch>,
     conn: &SharedConn,
 ) -> String {
+    // One wait for an unfinished write across the loop: a new one each turn registered and
+    // unregistered a waiter (two locks) per write.
+    let mut unfinished = std::pin::pin!(conn.unfinished.notified());
     loop {
         let mut first = tokio::select! {
             biased;
-            () = conn.unfinished.notified() => None,
+            () = unfinished.as_mut() => {
+                unfinished.set(conn.unfinished.notified());
+                None
+            }
             batch = queued.recv() => match batch {
                 Some(batch) => Some(batch),
                 // Every handle is gone: nobody can send here any more. Wait for the replies.
@@ -703,10 +709,7 @@ async fn read_replies(
                 front.left -= 1;
             }
             if front.left == 0 {
-                let _ = front
-                    .owner
-                    .send(Delivery::Replies(chunk.slice(start..end)))
-                    .await;
+                deliver(&front.owner, Delivery::Replies(chunk.slice(start..end))).await;
                 start = end;
                 fifo.pop_front();
                 outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -718,11 +721,17 @@ async fn read_replies(
             let Some(front) = front(fifo, owed) else {
                 return "a reply that no command asked for".into();
             };
-            let _ = front
-                .owner
-                .send(Delivery::Replies(chunk.slice(start..)))
-                .await;
+            deliver(&front.owner, Delivery::Replies(chunk.slice(start..))).await;
         }
+    }
+}
+
+/// Hands `owner` its replies, waiting while its inbox is full (a session whose client does
+/// not read holds the connection's reader here). Tries first without the send future,
+/// which registers for a permit: the inbox is almost never full.
+async fn deliver(owner: &mpsc::Sender<Delivery>, delivery: Delivery) {
+    if let Err(mpsc::error::TrySendError::Full(d)) = owner.try_send(delivery) {
+        let _ = owner.send(d).await;
     }
 }
 

@@ -432,12 +432,9 @@ impl Session {
             let was_idle = owed_before == 0;
             // A strict switch, or a fence that closed, holds new commands.
             let held = self.held();
-            if !held && self.ledger.in_flight() == 0 && self.batch_needs_pin() {
-                // The whole batch goes to a connection of its own, as it would to Redis: a
-                // command that pins sees what the commands before it did on that connection
-                // (`CLIENT REPLY OFF` then `QUIT` closes after the replies, as in Redis).
-                self.pin("batch").await?;
-            }
+            // Once the first command is scanned: does a later one need a connection of
+            // its own?
+            let mut check_batch = !held && self.ledger.in_flight() == 0;
             while self.protocol_error.is_none() && !self.ledger.quitting() {
                 let frame = match self.request_scanner.next(&self.requests[end..]) {
                     Ok(Some(f)) => f,
@@ -465,6 +462,13 @@ impl Session {
                         continue;
                     }
                     Streaming::No => {}
+                }
+                if std::mem::take(&mut check_batch) && self.batch_needs_pin(frame.len) {
+                    // The whole batch goes to a connection of its own, as it would to
+                    // Redis: a command that pins sees what the commands before it did on
+                    // that connection (`CLIENT REPLY OFF` then `QUIT` closes after the
+                    // replies, as in Redis).
+                    self.pin("batch").await?;
                 }
                 let bytes = &self.requests[end..end + frame.len];
                 if frame.argc == 0 {
@@ -594,20 +598,21 @@ impl Session {
             && !matches!(kind, Kind::Plain | Kind::Ping)
     }
 
-    /// On a shared connection, does a buffered complete command after the first need a
-    /// connection of its own? (The first is handled as it comes.) Looks at most 64 commands.
-    fn batch_needs_pin(&self) -> bool {
+    /// On a shared connection, does a buffered complete command after the first (which is
+    /// `first` bytes long, and handled as it comes) need a connection of its own? Looks at
+    /// most 63 more commands.
+    fn batch_needs_pin(&self, first: usize) -> bool {
         if !self.upstream.as_ref().is_some_and(Upstream::is_shared) {
             return false;
         }
         let mut scanner = RequestScanner::default();
-        let mut at = 0;
-        for n in 0..64 {
+        let mut at = first;
+        for _ in 1..64 {
             let Ok(Some(frame)) = scanner.next(&self.requests[at..]) else {
                 return false;
             };
             let name = &self.requests[at..at + frame.len][frame.name.clone()];
-            if n > 0 && frame.argc > 0 && self.must_pin(self.kind_of(name)) {
+            if frame.argc > 0 && self.must_pin(self.kind_of(name)) {
                 return true;
             }
             at += frame.len;
@@ -971,8 +976,10 @@ impl Session {
             self.blocked_until = None;
             self.blocked_forever = false;
         }
-        let result = self.client.send(&data[..consumed]).await;
+        // Counted before the write, as in `write_client`: whoever has read these bytes sees
+        // them counted.
         self.ctx.metrics.client_bytes_out.inc_by(consumed as u64);
+        let result = self.client.send(&data[..consumed]).await;
         if delivered.is_empty() {
             self.replies.advance(consumed);
         } else {

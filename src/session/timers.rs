@@ -198,26 +198,25 @@ mod tests {
 }
 
 /// When each batch of commands went to the member, to time their replies
-/// (`geoproxy_command_duration_seconds`): observed locally, flushed once per read.
+/// (`geoproxy_command_duration_seconds`): one reply is observed straight into the member's
+/// histogram; several from one read are observed locally and flushed once (a flush adds
+/// every bucket, which costs more than one observation).
 #[derive(Default)]
 pub struct Durations {
     /// (when, commands of the batch still owed a reply), oldest first.
     sent: VecDeque<(Instant, usize)>,
-    histogram: Option<LocalHistogram>,
+    histogram: Option<(Histogram, LocalHistogram)>,
 }
 
 impl Durations {
     /// A new upstream: time against its member's histogram.
     pub fn attach(&mut self, histogram: &Histogram) {
         self.detach();
-        self.histogram = Some(histogram.local());
+        self.histogram = Some((histogram.clone(), histogram.local()));
     }
 
     /// No upstream: what is owed will not be answered by a member.
     pub fn detach(&mut self) {
-        if let Some(h) = &self.histogram {
-            h.flush();
-        }
         self.sent.clear();
         self.histogram = None;
     }
@@ -231,9 +230,10 @@ impl Durations {
 
     /// `done` commands, the oldest owed, got their replies by `now`.
     pub fn answered(&mut self, mut done: usize, now: Instant) {
-        let Some(h) = &self.histogram else {
+        let Some((shared, local)) = &self.histogram else {
             return;
         };
+        let one = done == 1;
         while done > 0 {
             let Some((at, owed)) = self.sent.front_mut() else {
                 break;
@@ -241,7 +241,11 @@ impl Durations {
             let took = now.saturating_duration_since(*at).as_secs_f64();
             let n = done.min(*owed);
             for _ in 0..n {
-                h.observe(took);
+                if one {
+                    shared.observe(took);
+                } else {
+                    local.observe(took);
+                }
             }
             *owed -= n;
             done -= n;
@@ -249,7 +253,9 @@ impl Durations {
                 self.sent.pop_front();
             }
         }
-        h.flush();
+        if !one {
+            local.flush();
+        }
     }
 }
 
