@@ -314,11 +314,21 @@ async fn denied_and_renamed_commands_answer_as_the_policy_says() {
     // Renamed: exactly Redis's own rename-command (the old name is unknown, the new works).
     let oracle_addr: SocketAddr = oracle.addr().parse().unwrap();
     let script = b"CONFIG GET maxmemory\r\nconfig\r\ncfg get maxmemory\r\nCFG GET maxclients\r\n\
-                   MULTI\r\nSET a 1\r\nCONFIG GET x\r\nEXEC\r\nGET a\r\nQUIT\r\n";
+                   MULTI\r\nSET a 1\r\nCFG GET maxmemory\r\nEXEC\r\nQUIT\r\n";
     let replies = same_replies(oracle_addr, proxy.addr, script).await;
     assert!(replies.starts_with(
         b"-ERR unknown command 'CONFIG', with args beginning with: 'GET' 'maxmemory' \r\n"
     ));
+    // Inside MULTI the old name is refused by the member too (so EXEC aborts, as in Redis),
+    // under a name no member can take for the real command; its error says so (README).
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(
+        b"MULTI\r\nSET b 1\r\nCONFIG GET x\r\nEXEC\r\nGET b\r\n",
+        b"+OK\r\n+QUEUED\r\n-ERR unknown command 'CONFIG(renamed-by-geoproxy)', with args \
+          beginning with: 'GET' 'x' \r\n-EXECABORT Transaction discarded because of previous \
+          errors.\r\n$-1\r\n",
+    )
+    .await;
 
     // Denied: geoproxy's error, counted; nothing reaches the member.
     member.query(&["SET", "keep", "me"]);
