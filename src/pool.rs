@@ -791,6 +791,33 @@ mod tests {
         (conn, queued, owed_rx, member)
     }
 
+    /// Runs `work` beside `conn`'s writer task and returns what it gives; fails the test
+    /// when the writer stops first or `work` takes more than 10 s.
+    async fn beside_the_writer<T>(
+        queued: &mut mpsc::UnboundedReceiver<Batch>,
+        conn: &SharedConn,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut held = None;
+        let writer = write_batches(queued, &mut held, conn);
+        let both = async {
+            tokio::select! {
+                why = writer => panic!("the writer stopped: {why}"),
+                got = work => got,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the writer task never wrote it")
+    }
+
+    /// Reads the member's end until `got` holds `len` bytes.
+    async fn read_until(member: &mut TcpStream, got: &mut Vec<u8>, len: usize) {
+        while got.len() < len {
+            assert!(member.read_buf(got).await.unwrap() > 0, "closed");
+        }
+    }
+
     /// A batch that a session wrote itself on an idle connection, and that did not fit in
     /// the socket (its peer does not read yet), is finished by the writer task, before the
     /// batch queued after it, and both owners are on the reader's list in that order.
@@ -822,31 +849,18 @@ mod tests {
             "written, not queued"
         );
 
-        let mut held = None;
-        let writer = write_batches(&mut queued, &mut held, &conn);
         let received = async {
             let mut got = Vec::new();
             // The writer task finishes it with nothing queued (the session woke it).
-            while got.len() < big.len() {
-                assert!(member.read_buf(&mut got).await.unwrap() > 0, "closed");
-            }
+            read_until(&mut member, &mut got, big.len()).await;
             // Replies are owed now: the next batch is queued for the writer task.
             assert!(conn
                 .send(batch(Bytes::from_static(b"tail"), &second))
                 .is_ok());
-            while got.len() < big.len() + 4 {
-                assert!(member.read_buf(&mut got).await.unwrap() > 0, "closed");
-            }
+            read_until(&mut member, &mut got, big.len() + 4).await;
             got
         };
-        let both = async {
-            tokio::select! {
-                why = writer => panic!("the writer stopped: {why}"),
-                got = received => got,
-            }
-        };
-        let within = tokio::time::timeout(Duration::from_secs(10), both).await;
-        let got = within.expect("the unfinished write was never finished");
+        let got = beside_the_writer(&mut queued, &conn, received).await;
         assert_eq!(conn.queued.load(Ordering::Relaxed), 0);
         assert!(got[..big.len()] == big[..], "the first batch arrived whole");
         assert_eq!(&got[big.len()..], b"tail");
@@ -871,23 +885,12 @@ mod tests {
         conn.outstanding.store(1, Ordering::Relaxed);
         assert!(conn.send(one(b"a")).is_ok() && conn.send(one(b"b")).is_ok());
         assert_eq!(conn.queued.load(Ordering::Relaxed), 2);
-        let mut held = None;
-        let writer = write_batches(&mut queued, &mut held, &conn);
         let received = async {
             let mut got = Vec::new();
-            while got.len() < 2 {
-                assert!(member.read_buf(&mut got).await.unwrap() > 0, "closed");
-            }
+            read_until(&mut member, &mut got, 2).await;
             got
         };
-        let both = async {
-            tokio::select! {
-                why = writer => panic!("the writer stopped: {why}"),
-                got = received => got,
-            }
-        };
-        let got = tokio::time::timeout(Duration::from_secs(10), both).await;
-        assert_eq!(got.expect("never written"), b"ab");
+        assert_eq!(beside_the_writer(&mut queued, &conn, received).await, b"ab");
         assert_eq!(conn.last_write.load(Ordering::Relaxed), 2);
         // The replies came: the connection is idle, and the next batch still queues.
         conn.outstanding.store(0, Ordering::Relaxed);
