@@ -20,15 +20,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -78,61 +76,9 @@ pub struct SharedConn {
     alive: AtomicBool,
     /// `None` while connecting; then `Ok` (ready) or why it could not be opened.
     opened: watch::Sender<Option<Result<(), String>>>,
-    /// The write side, once open: the writer task's, and a session's own while the
-    /// connection is idle (see [`SharedConn::send`]).
-    write: tokio::sync::Mutex<Option<WriteSide>>,
-    /// Sessions with replies still to come (the reader's FIFO and what it has been told).
-    outstanding: AtomicUsize,
-    /// Batches queued and not yet gathered into a write.
-    queued: AtomicUsize,
-    /// Sessions' batches in the writer task's last write: at most one (or none yet) means a
-    /// client alone, which may write itself.
-    last_write: AtomicUsize,
-    /// A session left bytes of its write unwritten (or unflushed): the writer finishes it.
-    unfinished: Notify,
-    metrics: Metrics,
-}
-
-/// A shared connection's write half, what has not gone out of it yet, and the reader's list
-/// of who owes what (told before the bytes go out).
-struct WriteSide {
-    half: WriteHalf<Stream>,
-    out: Gathered,
-    owed: mpsc::UnboundedSender<Owed>,
-}
-
-impl WriteSide {
-    /// Adds a batch to the next write, its owner to the reader's list first.
-    fn gather(&mut self, batch: Batch, outstanding: &AtomicUsize) {
-        self.out.push(batch.bytes);
-        if batch.replies > 0 {
-            outstanding.fetch_add(1, Ordering::Relaxed);
-            let _ = self.owed.send(Owed {
-                owner: batch.owner,
-                left: batch.replies,
-            });
-        }
-    }
 }
 
 impl SharedConn {
-    /// A connection not open yet, and the queue its writer takes batches from.
-    fn new(metrics: Metrics) -> (SharedConn, mpsc::UnboundedReceiver<Batch>) {
-        let (batches, queued) = mpsc::unbounded_channel();
-        let conn = SharedConn {
-            batches,
-            alive: AtomicBool::new(true),
-            opened: watch::Sender::new(None),
-            write: tokio::sync::Mutex::new(None),
-            outstanding: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-            last_write: AtomicUsize::new(0),
-            unfinished: Notify::new(),
-            metrics,
-        };
-        (conn, queued)
-    }
-
     /// Waits until the connection is open and its state replayed. A session joins a shared
     /// connection only then, so that a member that cannot be reached leaves its commands
     /// unsent (they wait for a member, as with a connection of its own) rather than lost.
@@ -145,64 +91,16 @@ impl SharedConn {
         }
     }
 
-    /// Sends a batch: written at once from the session's own task when the connection is
-    /// idle, else queued for the writer task. Gives it back when the connection is gone (it
-    /// never went out).
+    /// Queues a batch for the writer task; gives it back when the connection is gone (it
+    /// never went out). A session does not write to the connection itself, even an idle
+    /// one: only the connection's task, which reads before it writes, sees that the member
+    /// closed it first, so that the batch goes back unsent instead of lost with an unknown
+    /// outcome (tried at 06abbe2, removed for that).
     pub fn send(&self, batch: Batch) -> Result<(), Batch> {
         if !self.alive() {
             return Err(batch);
         }
-        let Some(batch) = self.write_now(batch) else {
-            return Ok(());
-        };
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        self.batches.send(batch).map_err(|e| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            e.0
-        })
-    }
-
-    /// Writes `batch` from the session's task when nothing is owed, queued or unfinished on
-    /// the connection and its last write carried one session's batch (a client alone: one
-    /// command, then its reply): it saves the hop through the writer task, which that
-    /// client would wait for on every command. When several sessions keep the connection
-    /// busy, the writer task (which runs after the sessions woken in the same turn) gathers
-    /// them into one write instead. One try, without waiting (a waker that does nothing):
-    /// an idle connection's send buffer is empty, so the batch normally goes whole; what
-    /// does not (or an error) is left to the writer task, which does the waiting. Gives the
-    /// batch back when it cannot.
-    fn write_now(&self, batch: Batch) -> Option<Batch> {
-        if self.last_write.load(Ordering::Relaxed) > 1 {
-            return Some(batch);
-        }
-        let Ok(mut side) = self.write.try_lock() else {
-            return Some(batch); // the writer task is writing
-        };
-        let idle = self.outstanding.load(Ordering::Relaxed) == 0
-            && self.queued.load(Ordering::Relaxed) == 0;
-        let Some(side) = side.as_mut().filter(|s| idle && !s.out.has_remaining()) else {
-            return Some(batch);
-        };
-        side.gather(batch, &self.outstanding);
-        self.metrics.shared_write(1);
-        let mut cx = Context::from_waker(Waker::noop());
-        let done = loop {
-            if !side.out.has_remaining() {
-                let flushed = Pin::new(&mut side.half).poll_flush(&mut cx);
-                break matches!(flushed, Poll::Ready(Ok(())));
-            }
-            // One batch, so one part: a plain write (`send`) rather than a `writev` of one
-            // part, which takes a longer way through the kernel (and 159 more user-space
-            // instructions per request here, benches/instructions.sh).
-            match Pin::new(&mut side.half).poll_write(&mut cx, side.out.chunk()) {
-                Poll::Ready(Ok(n)) if n > 0 => side.out.advance(n),
-                _ => break false,
-            }
-        };
-        if !done {
-            self.unfinished.notify_one();
-        }
-        None
+        self.batches.send(batch).map_err(|e| e.0)
     }
 
     /// Open and ready now (never waits).
@@ -309,8 +207,12 @@ impl Pools {
         if conns.len() >= self.settings.shared.max(1) {
             return conns[turn % conns.len()].clone();
         }
-        let (conn, queued) = SharedConn::new(self.metrics.clone());
-        let conn = Arc::new(conn);
+        let (batches, queued) = mpsc::unbounded_channel();
+        let conn = Arc::new(SharedConn {
+            batches,
+            alive: AtomicBool::new(true),
+            opened: watch::Sender::new(None),
+        });
         conns.push(conn.clone());
         let task = SharedTask {
             member: member.clone(),
@@ -471,17 +373,14 @@ impl SharedTask {
         let Some((stream, attached)) = upstream.into_stream() else {
             return; // open() makes a pinned link
         };
-        let (reader, half) = tokio::io::split(stream);
-        let (owed, mut owed_rx) = mpsc::unbounded_channel();
-        *self.conn.write.lock().await = Some(WriteSide {
-            half,
-            out: Gathered::default(),
-            owed,
-        });
-        // Counted and ready in one step (no await between): whoever sees the gauge may join.
         self.metrics.member_connection(&id, "shared", 1);
         self.conn.opened.send_replace(Some(Ok(())));
+        let (reader, writer) = tokio::io::split(stream);
+        let (owed_tx, mut owed_rx) = mpsc::unbounded_channel();
         let mut fifo = VecDeque::new();
+        // Sessions with replies still to come on this connection (the reader's FIFO and
+        // what the writer has told it of): the writer waits a turn while it is not zero.
+        let outstanding = AtomicUsize::new(0);
         // A batch the writer has taken from the queue and not yet gathered into a write: if
         // the connection ends meanwhile, it goes back to its session like the queued ones.
         let mut held = None;
@@ -490,13 +389,11 @@ impl SharedTask {
         // rather than lost with an unknown outcome.
         let why = tokio::select! {
             biased;
-            r = read_replies(reader, &mut owed_rx, &mut fifo, &self.conn.outstanding) => r,
-            r = write_batches(&mut queued, &mut held, &self.conn) => r,
-            r = retire(&self.member, &self.conn) => r,
+            r = read_replies(reader, &mut owed_rx, &mut fifo, &outstanding) => r,
+            r = write_batches(&mut queued, &mut held, owed_tx, writer, &self.metrics, &outstanding) => r,
+            r = retire(&self.member, &self.conn, &outstanding) => r,
         };
         self.conn.alive.store(false, Ordering::Release);
-        // What was left in the write side was told to the reader: lost with the FIFO below.
-        *self.conn.write.lock().await = None;
         self.metrics.member_connection(&id, "shared", -1);
         drop(attached);
         // The proxy's own connection closed: evidence either way (the probe that confirms
@@ -543,76 +440,65 @@ impl SharedTask {
 /// Ends the connection once a reload removed its member and no reply is owed on it: no
 /// session joins or writes to it from then on (it is not alive), and batches still queued
 /// go back to their sessions unsent, for their next member. Returns why it stopped.
-async fn retire(member: &Member, conn: &SharedConn) -> String {
+async fn retire(member: &Member, conn: &SharedConn, outstanding: &AtomicUsize) -> String {
     member.retired().await;
     conn.alive.store(false, Ordering::Release);
     // Rare (a reload), so a poll: the reader hands out the last replies meanwhile.
-    while conn.outstanding.load(Ordering::Relaxed) > 0 {
+    while outstanding.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     "its member was removed by a reload".into()
 }
 
-/// Writes queued batches, many sessions' at once (and what a session left unwritten);
-/// tells the reader who owes what first. Returns why it stopped.
+/// Writes queued batches, many sessions' at once; tells the reader who owes what first.
+/// Returns why it stopped.
 async fn write_batches(
     queued: &mut mpsc::UnboundedReceiver<Batch>,
     held: &mut Option<Batch>,
-    conn: &SharedConn,
+    owed: mpsc::UnboundedSender<Owed>,
+    mut writer: WriteHalf<Stream>,
+    metrics: &Metrics,
+    outstanding: &AtomicUsize,
 ) -> String {
-    // One wait for an unfinished write across the loop: a new one each turn registered and
-    // unregistered a waiter (two locks) per write.
-    let mut unfinished = std::pin::pin!(conn.unfinished.notified());
+    let mut out = Gathered::default();
     loop {
-        let mut first = tokio::select! {
-            biased;
-            () = unfinished.as_mut() => {
-                unfinished.set(conn.unfinished.notified());
-                None
-            }
-            batch = queued.recv() => match batch {
-                Some(batch) => Some(batch),
-                // Every handle is gone: nobody can send here any more. Wait for the replies.
-                None => return std::future::pending().await,
-            },
+        let Some(mut first) = queued.recv().await else {
+            // Every handle is gone: nobody can send here any more. Wait for the replies.
+            return std::future::pending().await;
         };
         // A connection with replies still to come keeps the member busy anyway: the
         // sessions woken with this one get a turn to queue their commands first, so that
         // they go out in the same write (a bigger batch costs the member and the proxy
         // less per command: 4 batches per write became 8 at 50 clients). An idle
         // connection writes at once: a client alone waits for nobody.
-        if first.is_some() && conn.outstanding.load(Ordering::Relaxed) > 0 {
-            *held = first;
+        if outstanding.load(Ordering::Relaxed) > 0 {
+            *held = Some(first);
             tokio::task::yield_now().await;
-            first = held.take();
-            if first.is_none() {
+            let Some(batch) = held.take() else {
                 continue; // (only this loop takes it while the connection lives)
-            }
+            };
+            first = batch;
         }
-        let mut side = conn.write.lock().await;
-        let Some(side) = side.as_mut() else {
-            return std::future::pending().await; // (set before any session joins)
-        };
         let mut batches = 0u64;
-        let mut next = first;
+        let mut next = Some(first);
         while let Some(batch) = next.take() {
             batches += 1;
-            side.gather(batch, &conn.outstanding);
-            // Counted out of the queue only once its owner is on the reader's list, so a
-            // session never writes past a batch of its own still waiting here.
-            conn.queued.fetch_sub(1, Ordering::Relaxed);
-            if side.out.remaining() < MAX_WRITE {
+            out.push(batch.bytes);
+            if batch.replies > 0 {
+                outstanding.fetch_add(1, Ordering::Relaxed);
+                let _ = owed.send(Owed {
+                    owner: batch.owner,
+                    left: batch.replies,
+                });
+            }
+            if out.remaining() < MAX_WRITE {
                 next = queued.try_recv().ok();
             }
         }
-        if batches > 0 {
-            conn.metrics.shared_write(batches);
-            conn.last_write.store(batches as usize, Ordering::Relaxed);
-        }
-        let WriteSide { half, out, .. } = side;
+        metrics.shared_write(batches);
         let written = async {
-            half.write_all_buf(out).await?;
-            half.flush().await
+            writer.write_all_buf(&mut out).await?;
+            writer.flush().await
         };
         if let Err(e) = written.await {
             return format!("write: {e}");
@@ -766,141 +652,6 @@ fn front<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// A shared connection open over loopback, its queue, the reader's list of owners, and
-    /// the member's end (which reads only when the test does).
-    async fn open_over_tcp() -> (
-        SharedConn,
-        mpsc::UnboundedReceiver<Batch>,
-        mpsc::UnboundedReceiver<Owed>,
-        TcpStream,
-    ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap());
-        let (ours, accepted) = tokio::join!(ours, listener.accept());
-        let (member, _) = accepted.unwrap();
-        let (_reader, half) = tokio::io::split(Stream::Tcp(ours.unwrap()));
-        let (owed, owed_rx) = mpsc::unbounded_channel();
-        let (conn, queued) = SharedConn::new(Metrics::new(prometheus::Registry::new()));
-        *conn.write.try_lock().unwrap() = Some(WriteSide {
-            half,
-            out: Gathered::default(),
-            owed,
-        });
-        (conn, queued, owed_rx, member)
-    }
-
-    /// Runs `work` beside `conn`'s writer task and returns what it gives; fails the test
-    /// when the writer stops first or `work` takes more than 10 s.
-    async fn beside_the_writer<T>(
-        queued: &mut mpsc::UnboundedReceiver<Batch>,
-        conn: &SharedConn,
-        work: impl std::future::Future<Output = T>,
-    ) -> T {
-        let mut held = None;
-        let writer = write_batches(queued, &mut held, conn);
-        let both = async {
-            tokio::select! {
-                why = writer => panic!("the writer stopped: {why}"),
-                got = work => got,
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), both)
-            .await
-            .expect("the writer task never wrote it")
-    }
-
-    /// Reads the member's end until `got` holds `len` bytes.
-    async fn read_until(member: &mut TcpStream, got: &mut Vec<u8>, len: usize) {
-        while got.len() < len {
-            assert!(member.read_buf(got).await.unwrap() > 0, "closed");
-        }
-    }
-
-    /// A batch that a session wrote itself on an idle connection, and that did not fit in
-    /// the socket (its peer does not read yet), is finished by the writer task, before the
-    /// batch queued after it, and both owners are on the reader's list in that order.
-    #[tokio::test]
-    async fn a_write_a_session_could_not_finish_goes_out_whole_before_the_next() {
-        let (conn, mut queued, mut owed_rx, mut member) = open_over_tcp().await;
-        let (first, _first_inbox) = mpsc::channel(INBOX_CHUNKS);
-        let (second, _second_inbox) = mpsc::channel(INBOX_CHUNKS);
-        // More than a loopback socket holds while its peer reads nothing.
-        let big = Bytes::from(vec![b'a'; 16 << 20]);
-        let batch = |bytes: Bytes, owner: &mpsc::Sender<Delivery>| Batch {
-            bytes,
-            replies: 1,
-            owner: owner.clone(),
-        };
-        assert!(conn.send(batch(big.clone(), &first)).is_ok());
-        let unfinished = conn
-            .write
-            .try_lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .out
-            .remaining();
-        assert!(unfinished > 0, "the session's own write went out whole");
-        assert_eq!(
-            conn.queued.load(Ordering::Relaxed),
-            0,
-            "written, not queued"
-        );
-
-        let received = async {
-            let mut got = Vec::new();
-            // The writer task finishes it with nothing queued (the session woke it).
-            read_until(&mut member, &mut got, big.len()).await;
-            // Replies are owed now: the next batch is queued for the writer task.
-            assert!(conn
-                .send(batch(Bytes::from_static(b"tail"), &second))
-                .is_ok());
-            read_until(&mut member, &mut got, big.len() + 4).await;
-            got
-        };
-        let got = beside_the_writer(&mut queued, &conn, received).await;
-        assert_eq!(conn.queued.load(Ordering::Relaxed), 0);
-        assert!(got[..big.len()] == big[..], "the first batch arrived whole");
-        assert_eq!(&got[big.len()..], b"tail");
-        let owners = [owed_rx.try_recv().unwrap(), owed_rx.try_recv().unwrap()];
-        assert!(owners[0].owner.same_channel(&first) && owners[1].owner.same_channel(&second));
-        assert_eq!(conn.outstanding.load(Ordering::Relaxed), 2);
-    }
-
-    /// Once the writer task has gathered several sessions into one write, an idle connection
-    /// leaves the next batch to it as well (it gathers the sessions woken in that turn).
-    #[tokio::test]
-    async fn after_a_gathered_write_sessions_leave_writing_to_the_writer() {
-        let (conn, mut queued, _owed_rx, mut member) = open_over_tcp().await;
-        let (owner, _inbox) = mpsc::channel(INBOX_CHUNKS);
-        let one = |bytes: &'static [u8]| Batch {
-            bytes: Bytes::from_static(bytes),
-            replies: 1,
-            owner: owner.clone(),
-        };
-        // A reply is owed (as the reader would count it): two sessions' batches queue, and
-        // the writer gathers them into one write.
-        conn.outstanding.store(1, Ordering::Relaxed);
-        assert!(conn.send(one(b"a")).is_ok() && conn.send(one(b"b")).is_ok());
-        assert_eq!(conn.queued.load(Ordering::Relaxed), 2);
-        let received = async {
-            let mut got = Vec::new();
-            read_until(&mut member, &mut got, 2).await;
-            got
-        };
-        assert_eq!(beside_the_writer(&mut queued, &conn, received).await, b"ab");
-        assert_eq!(conn.last_write.load(Ordering::Relaxed), 2);
-        // The replies came: the connection is idle, and the next batch still queues.
-        conn.outstanding.store(0, Ordering::Relaxed);
-        assert!(conn.send(one(b"c")).is_ok());
-        assert_eq!(
-            conn.queued.load(Ordering::Relaxed),
-            1,
-            "written by its session"
-        );
-    }
 
     #[test]
     fn gathered_batches_advance_across_their_parts() {
