@@ -11,6 +11,7 @@
 #
 # Needs: valgrind redis-server redis-tools. Build first: cargo build --release.
 # Env knobs: N=5000 CLIENTS="1 50" MODELS="true false" GEOPROXY_BIN=path RUN=/tmp/dir
+# KEEP=1 keeps the callgrind files in RUN (read them with callgrind_annotate --inclusive=yes).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${GEOPROXY_BIN:-$HERE/../target/release/geoproxy}
@@ -73,6 +74,6 @@ TOML
             total=$((total + ${ir:-0}))
         done
         echo "| $model | $c | $N | $((total / N)) |"
-        rm -f "$out" "$out".*
+        [ -n "${KEEP:-}" ] || rm -f "$out" "$out".*
     done
 done

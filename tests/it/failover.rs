@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, ErrorKind, RedisError, Value};
 
+use crate::support::cluster::ProxyProcess;
 use crate::support::proxy::{multiplexed, two, wait_active, Options, Proxy, Raw};
 use crate::support::redis_server::RedisServer;
-use crate::support::{eventually, wait_blocked};
+use crate::support::{established_to, eventually, wait_blocked};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -462,6 +463,75 @@ async fn worker_threads_share_the_port_and_fail_over_together() {
     assert_eq!(west.query(&["DBSIZE"]), Value::Int(24));
     assert_eq!(proxy.metric("geoproxy_sessions_open").await, 24.0);
     proxy.stop().await;
+}
+
+/// Read before write, made deterministic: the proxy is paused (SIGSTOP) while a client's
+/// command arrives and then its member dies, so that when it resumes the command and the
+/// member's close are both waiting, the command first. The command was never written to
+/// the member, so it goes to the next one and runs there once; it must not be answered
+/// `-OUTCOMEUNKNOWN` after a write into a connection the member had already closed. Fails
+/// when the shared connection's task writes before it reads (multiplexed), or when the
+/// session polls its client before its member (1:1); it failed in a fresh-clone run, by
+/// chance, when a session wrote into an idle shared connection itself (06abbe2).
+#[tokio::test]
+async fn a_command_that_arrives_with_its_members_close_goes_unsent_to_the_next_member() {
+    let mut east = RedisServer::start();
+    let west = RedisServer::start();
+    let config = format!(
+        r#"[proxy]
+listen = "{{listen}}"
+mode = "colocated"
+threads = 1
+unavailable_timeout = "10s"
+
+[admin]
+listen = "{{admin}}"
+
+[health]
+interval = "100ms"
+timeout = "200ms"
+rise = 2
+fall = 2
+
+[failover]
+failback = "manual"
+
+[[members]]
+id = "us-east"
+address = "{east}"
+region = "us-east"
+
+[[members]]
+id = "eu-west"
+address = "{west}"
+region = "eu-west"
+"#,
+        east = east.addr(),
+        west = west.addr()
+    );
+    let proxy = ProxyProcess::start(&config);
+    eventually(Duration::from_secs(10), "the proxy is ready", || async {
+        proxy.ready().await == Some(200)
+    })
+    .await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.roundtrip(b"SET k east\r\n", b"+OK\r\n").await;
+
+    proxy.signal("STOP");
+    raw.send(b"INCR n\r\n").await;
+    let port = east.port();
+    east.kill();
+    eventually(
+        Duration::from_secs(5),
+        "the member's close delivered to the paused proxy",
+        || async { established_to(port) == 0 },
+    )
+    .await;
+    proxy.signal("CONT");
+
+    let reply = raw.read_until(b"\r\n").await;
+    assert_eq!(String::from_utf8_lossy(&reply), ":1\r\n", "{}", proxy.log());
+    assert_eq!(west.query(&["GET", "n"]), Value::BulkString(b"1".to_vec()));
 }
 
 /// A hung member is left by every session as soon as the checks find it down, commands in

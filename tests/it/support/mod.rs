@@ -60,3 +60,20 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
         .port()
 }
+
+/// Connections of this host to 127.0.0.1:`port` still open at both ends (TCP ESTABLISHED,
+/// from `/proc/net/tcp`). After a member is killed it drops to zero once the kernel has
+/// delivered the member's close to every peer: how a test knows that a paused proxy has
+/// the close waiting in its sockets.
+pub fn established_to(port: u16) -> usize {
+    let remote = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
