@@ -6,8 +6,9 @@
 //! unknown-command error of a renamed command); a denied command gets geoproxy's
 //! `-ERR geoproxy: ...` text. Inside MULTI a refused command must also make EXEC abort, as
 //! a command Redis refuses at queue time does: it goes to the member under a name no
-//! member knows, whose error ends the transaction the same way (a denied command's error
-//! then names `<name>(denied-by-geoproxy)`; a renamed one's is Redis's, byte for byte).
+//! member knows, whose error ends the transaction the same way (the error then names
+//! `<name>(denied-by-geoproxy)` or `<name>(renamed-by-geoproxy)`: outside MULTI a renamed
+//! command's error is Redis's, byte for byte; inside, it names the suffixed command).
 
 use subtle::ConstantTimeEq;
 

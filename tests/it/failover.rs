@@ -465,9 +465,9 @@ async fn worker_threads_share_the_port_and_fail_over_together() {
     proxy.stop().await;
 }
 
-/// Read before write, made deterministic: the proxy is paused (SIGSTOP) while a client's
-/// command arrives and then its member dies, so that when it resumes the command and the
-/// member's close are both waiting, the command first. The command was never written to
+/// Read before write, made deterministic: the proxy is paused (SIGSTOP, idle in
+/// `epoll_wait`) while a client's command arrives and then its member dies, so that when it
+/// resumes the command and the member's close are both waiting, the command first. The command was never written to
 /// the member, so it goes to the next one and runs there once; it must not be answered
 /// `-OUTCOMEUNKNOWN` after a write into a connection the member had already closed. Fails
 /// when the shared connection's task writes before it reads (multiplexed), or when the
@@ -516,8 +516,19 @@ region = "eu-west"
     .await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.roundtrip(b"SET k east\r\n", b"+OK\r\n").await;
-
+    // Paused mid-turn, the proxy could read the command on resume before it has heard of
+    // the close (as it may in life, when the two arrive within one turn): pause it idle.
+    eventually(
+        Duration::from_secs(5),
+        "the proxy's worker idle",
+        || async { proxy.worker_idle() },
+    )
+    .await;
     proxy.signal("STOP");
+    eventually(Duration::from_secs(5), "the proxy stopped", || async {
+        proxy.worker_stopped()
+    })
+    .await;
     raw.send(b"INCR n\r\n").await;
     let port = east.port();
     east.kill();

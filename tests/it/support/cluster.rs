@@ -191,6 +191,36 @@ impl ProxyProcess {
         }
     }
 
+    /// Its first worker (the main thread) is asleep in `epoll_wait`: nothing is half done,
+    /// and whatever arrives from now on is seen at its next turn, together. (`wchan` reads
+    /// "0" where the kernel hides it: then the sleep alone counts.)
+    pub fn worker_idle(&self) -> bool {
+        let (state, wchan) = self.worker();
+        state == "S" && (wchan.contains("epoll") || wchan.trim() == "0")
+    }
+
+    /// Its first worker has stopped (SIGSTOP takes effect after `kill` returns, and a
+    /// thread woken by it in `epoll_wait` takes the events already there with it).
+    pub fn worker_stopped(&self) -> bool {
+        self.worker().0 == "T"
+    }
+
+    /// The main thread's state letter (`/proc/PID/stat`) and `wchan`.
+    fn worker(&self) -> (String, String) {
+        let Some(child) = &self.child else {
+            return Default::default();
+        };
+        let task = format!("/proc/{0}/task/{0}", child.id());
+        let stat = std::fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_default();
+        let wchan = std::fs::read_to_string(format!("{task}/wchan")).unwrap_or_default();
+        (state.to_string(), wchan)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
