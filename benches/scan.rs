@@ -112,6 +112,7 @@ fn ledger(c: &mut Criterion) {
                     kind: Kind::Plain,
                     args: &[],
                     retry: None,
+                    answer: None,
                 });
             }
             ReplyScanner::default()

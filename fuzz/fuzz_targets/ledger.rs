@@ -115,7 +115,15 @@ fuzz_target!(|data: &[u8]| {
                 let kind = classify(&args[0]);
                 let args = if needs_args(kind) { &args[..] } else { &[] };
                 let retry = (op & 0x40 != 0).then(|| Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
-                ledger.sent(Command { kind, args, retry });
+                // A refused command's answer (Command::answer) on some of those without retry.
+                let answer =
+                    (op & 0x41 == 0x01).then(|| Bytes::from_static(b"-ERR refused\r\n"));
+                ledger.sent(Command {
+                    kind,
+                    args,
+                    retry,
+                    answer,
+                });
                 sent += 1;
             }
             2 => {

@@ -70,6 +70,10 @@ pub struct Command<'a> {
     /// The command's bytes, kept to re-send if the member fails before answering
     /// (read-only commands with `failover.retry_reads`).
     pub retry: Option<Bytes>,
+    /// What the client gets instead of the member's reply when that reply is an error: for
+    /// a command the proxy refused inside MULTI, sent under a name the member refuses so
+    /// that EXEC aborts as in Redis, the error Redis itself would have given.
+    pub answer: Option<Bytes>,
 }
 
 /// Whether the ledger needs a command's arguments (blocking timeouts, session state,
@@ -91,10 +95,13 @@ pub struct Sent {
 }
 
 /// What a frame from the member is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// (Part of) the reply to the command at the front: one step of the count.
     Reply,
+    /// The reply to the command at the front, a simple error, that the client gets as these
+    /// bytes instead (see [`Command::answer`]).
+    Answered(Bytes),
     /// Not a reply: a pub/sub message, an invalidation, an attribute, a MONITOR line, or
     /// anything on a raw session.
     Push,
@@ -115,6 +122,7 @@ struct Entry {
     /// Subscription confirmations received so far.
     confirmed: usize,
     retry: Option<Bytes>,
+    answer: Option<Bytes>,
 }
 
 impl Entry {
@@ -278,6 +286,7 @@ impl Ledger {
             reply_mode,
             confirmed: 0,
             retry: cmd.retry,
+            answer: cmd.answer,
         });
         // Only a new front can be settled without a frame (a pipeline's tail waits).
         if self.queue.len() == 1 {
@@ -317,8 +326,13 @@ impl Ledger {
             self.go_raw();
             return Frame::Unexpected;
         }
+        // The member's refusal is a simple error line, whole in the bytes it is read from.
+        let answer = match self.queue.front_mut() {
+            Some(front) if reply.kind == b'-' => front.answer.take(),
+            _ => None,
+        };
         self.settle_front(reply);
-        Frame::Reply
+        answer.map_or(Frame::Reply, Frame::Answered)
     }
 
     /// The member failed: every command in flight has an unknown outcome. Returns how many

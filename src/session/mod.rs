@@ -25,6 +25,7 @@ pub mod transaction;
 mod tests;
 
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -428,6 +429,9 @@ impl Session {
             let mut incomplete = false;
             // The command at `end` was just rewritten by the policy: not screened again.
             let mut screened = false;
+            // ... because the policy refused it inside MULTI: what the client gets in place
+            // of the member's error (taken when it is recorded).
+            let mut refused: Option<Bytes> = None;
             let owed_before = self.ledger.in_flight();
             let was_idle = owed_before == 0;
             // A strict switch, or a fence that closed, holds new commands.
@@ -474,7 +478,7 @@ impl Session {
                 if frame.argc == 0 {
                     // No reply, but it uses up a CLIENT REPLY SKIP: the member must see it.
                     if self.upstream.is_some() {
-                        self.record(Kind::Empty, &[], None);
+                        self.record(Kind::Empty, &[], None, None);
                     }
                     end += frame.len;
                     continue;
@@ -498,7 +502,7 @@ impl Session {
                         Screen::Pass => None,
                         Screen::Answer(reply) => Some(Local::Reply(reply, counted)),
                         Screen::Reset => Some(Local::Reset),
-                        Screen::Rewrite(args) => {
+                        Screen::Rewrite { args, answer } => {
                             // Rewritten only when it goes out now. A command that waits (or
                             // that a lost transaction answers) stays as the client wrote it,
                             // to be screened again, the same way, when it can go.
@@ -513,6 +517,7 @@ impl Session {
                                 self.count(counted);
                                 self.replace_frame(end, frame.len, &args);
                                 screened = true;
+                                refused = answer.map(Bytes::from);
                                 continue;
                             }
                         }
@@ -540,7 +545,7 @@ impl Session {
                 let retry = self.retry_bytes(kind, name, bytes);
                 let args = needs_args(kind).then(|| request::args(bytes, false));
                 let args = args.as_deref().unwrap_or_default();
-                self.record(kind, args, retry);
+                self.record(kind, args, retry, refused.take());
                 end += frame.len;
                 sent += 1;
             }
@@ -646,14 +651,25 @@ impl Session {
     }
 
     /// Tells the ledger (and the timers) of a command about to be written.
-    fn record(&mut self, kind: Kind, args: &[Vec<u8>], retry: Option<Bytes>) {
+    fn record(
+        &mut self,
+        kind: Kind,
+        args: &[Vec<u8>],
+        retry: Option<Bytes>,
+        answer: Option<Bytes>,
+    ) {
         if kind == Kind::Client {
             let sub = args.get(1).map(|a| a.to_ascii_uppercase());
             if matches!(sub.as_deref(), Some(b"NO-EVICT" | b"NO-TOUCH" | b"REPLY")) {
                 self.sticky = true;
             }
         }
-        let sent = self.ledger.sent(Command { kind, args, retry });
+        let sent = self.ledger.sent(Command {
+            kind,
+            args,
+            retry,
+            answer,
+        });
         if sent.raw {
             debug!("session relays raw from now on");
         }
@@ -702,7 +718,7 @@ impl Session {
                     return Ok(()); // held whole, up to the query buffer limit
                 }
                 let owed_before = self.ledger.in_flight();
-                self.record(kind, &[], None);
+                self.record(kind, &[], None, None);
                 let owed = self.ledger.in_flight().saturating_sub(owed_before);
                 self.durations.sent(owed, Instant::now());
                 self.streaming = Streaming::Sending;
@@ -940,15 +956,26 @@ impl Session {
         } else {
             &delivered
         };
+        // Replies the client gets in place of the member's (a refused command inside
+        // MULTI): where they are in `data`, and what goes instead. Rare.
+        let mut answered: Vec<(Range<usize>, Bytes)> = Vec::new();
         let consumed = if ledger.raw() {
             data.len()
         } else {
             let mut unexpected = false;
             let mut refusals = 0;
             let oom = self.ctx.oom_refuses;
+            // Where the next frame starts: a simple error line (the only kind answered for)
+            // is never forwarded in part, so it starts here, after the frame before it.
+            let mut start = 0;
             let consumed = reply_scanner
                 .scan(data, |reply| {
-                    unexpected |= ledger.frame(reply) == Frame::Unexpected;
+                    match ledger.frame(reply) {
+                        Frame::Unexpected => unexpected = true,
+                        Frame::Answered(answer) => answered.push((start..reply.end, answer)),
+                        Frame::Reply | Frame::Push => {}
+                    }
+                    start = reply.end;
                     if reply.is_error() && cannot_serve(reply.error_head(), oom) {
                         refusals += 1;
                     }
@@ -976,10 +1003,17 @@ impl Session {
             self.blocked_until = None;
             self.blocked_forever = false;
         }
+        let spliced;
+        let out = if answered.is_empty() {
+            &data[..consumed]
+        } else {
+            spliced = splice(&data[..consumed], answered);
+            &spliced[..]
+        };
         // Counted before the write, as in `write_client`: whoever has read these bytes sees
         // them counted.
-        self.ctx.metrics.client_bytes_out.inc_by(consumed as u64);
-        let result = self.client.send(&data[..consumed]).await;
+        self.ctx.metrics.client_bytes_out.inc_by(out.len() as u64);
+        let result = self.client.send(out).await;
         if delivered.is_empty() {
             self.replies.advance(consumed);
         } else {
@@ -1139,6 +1173,19 @@ async fn read_upstream(
             None => std::future::pending().await,
         },
     }
+}
+
+/// `data` with each range replaced by its bytes (ranges in order, not overlapping).
+fn splice(data: &[u8], replacements: Vec<(Range<usize>, Bytes)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut at = 0;
+    for (range, bytes) in replacements {
+        out.extend_from_slice(&data[at..range.start]);
+        out.extend_from_slice(&bytes);
+        at = range.end;
+    }
+    out.extend_from_slice(&data[at..]);
+    out
 }
 
 /// The metric label of a command kind that made a shared session pin.

@@ -6,9 +6,9 @@
 //! unknown-command error of a renamed command); a denied command gets geoproxy's
 //! `-ERR geoproxy: ...` text. Inside MULTI a refused command must also make EXEC abort, as
 //! a command Redis refuses at queue time does: it goes to the member under a name no
-//! member knows, whose error ends the transaction the same way (the error then names
-//! `<name>(denied-by-geoproxy)` or `<name>(renamed-by-geoproxy)`: outside MULTI a renamed
-//! command's error is Redis's, byte for byte; inside, it names the suffixed command).
+//! member knows (`<name>(denied-by-geoproxy)`, `<name>(renamed-by-geoproxy)`), whose error
+//! ends the transaction the same way, and the client gets the same answer as outside MULTI
+//! in place of that error ([`Screen::Rewrite`] with an answer).
 
 use subtle::ConstantTimeEq;
 
@@ -22,8 +22,13 @@ pub enum Screen {
     Pass,
     /// The proxy answers this itself.
     Answer(Vec<u8>),
-    /// Goes to the member as these arguments instead.
-    Rewrite(Vec<Vec<u8>>),
+    /// Goes to the member as `args` instead. With an `answer`, a command refused inside
+    /// MULTI: `args` name a command the member refuses (so that EXEC aborts as in Redis),
+    /// and the client gets `answer` in place of the member's error.
+    Rewrite {
+        args: Vec<Vec<u8>>,
+        answer: Option<Vec<u8>>,
+    },
     /// Proxy auth: `RESET` is answered `+RESET` and the session starts over, unauthenticated.
     Reset,
 }
@@ -144,7 +149,13 @@ impl Rules {
         if let Some(original) = c.renamed.get(&lower) {
             let mut rewritten = args.to_vec();
             rewritten[0] = original.clone();
-            return (Screen::Rewrite(rewritten), None);
+            return (
+                Screen::Rewrite {
+                    args: rewritten,
+                    answer: None,
+                },
+                None,
+            );
         }
         (Screen::Pass, None)
     }
@@ -191,7 +202,10 @@ fn hello(users: &[User], args: &[Vec<u8>], standing: &mut Standing) -> Screen {
     standing.authenticated = true;
     let mut rest = args.to_vec();
     rest.drain(at..at + 3);
-    Screen::Rewrite(rest)
+    Screen::Rewrite {
+        args: rest,
+        answer: None,
+    }
 }
 
 /// Does `user` exist with this `password`? Compared in constant time, every user tried.
@@ -211,7 +225,10 @@ fn refuse(args: &[Vec<u8>], standing: &Standing, reply: Vec<u8>, unknown: Vec<u8
     }
     let mut rewritten = args.to_vec();
     rewritten[0] = unknown;
-    Screen::Rewrite(rewritten)
+    Screen::Rewrite {
+        args: rewritten,
+        answer: Some(reply),
+    }
 }
 
 fn denied(lower: &[u8]) -> Vec<u8> {
@@ -319,7 +336,10 @@ mod tests {
             (
                 "HELLO 3 AUTH app apw SETNAME x",
                 no_auth,
-                Screen::Rewrite(args("HELLO 3 SETNAME x")),
+                Screen::Rewrite {
+                    args: args("HELLO 3 SETNAME x"),
+                    answer: None,
+                },
                 true,
             ),
             ("HELLO 3 AUTH app bad", no_auth, answer(wrongpass), false),
@@ -330,7 +350,15 @@ mod tests {
                 false,
             ),
             ("GET k", authed, Screen::Pass, true),
-            ("cfg GET x", authed, Screen::Rewrite(args("config GET x")), true),
+            (
+                "cfg GET x",
+                authed,
+                Screen::Rewrite {
+                    args: args("config GET x"),
+                    answer: None,
+                },
+                true,
+            ),
             (
                 "CONFIG GET x",
                 authed,
@@ -346,13 +374,19 @@ mod tests {
             (
                 "FLUSHALL ASYNC",
                 in_multi,
-                Screen::Rewrite(args("flushall(denied-by-geoproxy) ASYNC")),
+                Screen::Rewrite {
+                    args: args("flushall(denied-by-geoproxy) ASYNC"),
+                    answer: Some(b"-ERR geoproxy: command 'flushall' is denied by this proxy's [commands] deny list\r\n".to_vec()),
+                },
                 true,
             ),
             (
                 "debug x",
                 in_multi,
-                Screen::Rewrite(args("debug(renamed-by-geoproxy) x")),
+                Screen::Rewrite {
+                    args: args("debug(renamed-by-geoproxy) x"),
+                    answer: Some(b"-ERR unknown command 'debug', with args beginning with: 'x' \r\n".to_vec()),
+                },
                 true,
             ),
         ];

@@ -47,6 +47,7 @@ fn send(ledger: &mut Ledger, line: &str) -> Sent {
         kind,
         args,
         retry: None,
+        answer: None,
     })
 }
 
@@ -56,6 +57,7 @@ fn feed(ledger: &mut Ledger, replies: &[u8]) -> String {
         .scan(replies, |r| {
             frames.push(match ledger.frame(r) {
                 Frame::Reply => 'R',
+                Frame::Answered(_) => 'A',
                 Frame::Push => 'P',
                 Frame::Unexpected => 'U',
             })
@@ -264,6 +266,7 @@ fn retries_are_taken_only_when_every_command_in_flight_may_run_again() {
             kind: Kind::Plain,
             args: &[],
             retry: retry.then(|| Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")),
+            answer: None,
         })
     };
     read(&mut l, true);
@@ -295,6 +298,41 @@ fn exec_element_errors_past_the_64th_are_unknown() {
 }
 
 #[test]
+fn a_refused_command_in_multi_is_answered_with_its_answer_only_if_the_member_refuses_it() {
+    let answer =
+        Bytes::from_static(b"-ERR unknown command 'CONFIG', with args beginning with: \r\n");
+    let refused = |l: &mut Ledger| {
+        l.sent(Command {
+            kind: Kind::Plain,
+            args: &[],
+            retry: None,
+            answer: Some(answer.clone()),
+        })
+    };
+    // Redis: MULTI, a refused command (the member does not know its name), EXEC aborts.
+    let mut l = Ledger::default();
+    send(&mut l, "MULTI");
+    refused(&mut l);
+    send(&mut l, "EXEC");
+    let mut frames = Vec::new();
+    let replies = b"+OK\r\n-ERR unknown command 'CONFIG(renamed-by-geoproxy)', with args beginning with: \r\n\
+                    -EXECABORT Transaction discarded because of previous errors.\r\n";
+    ReplyScanner::default()
+        .scan(replies, |r| frames.push(l.frame(r)))
+        .expect("RESP");
+    assert_eq!(
+        frames,
+        [Frame::Reply, Frame::Answered(answer.clone()), Frame::Reply]
+    );
+    assert!(l.quiescent());
+    // Any other reply is the member's own and goes through (never one here).
+    let mut l = Ledger::default();
+    send(&mut l, "MULTI");
+    refused(&mut l);
+    assert_eq!(feed(&mut l, b"+OK\r\n+QUEUED\r\n"), "RR");
+}
+
+#[test]
 fn an_empty_command_uses_up_a_skip() {
     // Redis: CLIENT REPLY SKIP, a blank line, MULTI -> MULTI is answered.
     let mut l = Ledger::default();
@@ -303,6 +341,7 @@ fn an_empty_command_uses_up_a_skip() {
         kind: Kind::Empty,
         args: &[],
         retry: None,
+        answer: None,
     });
     send(&mut l, "MULTI");
     assert_eq!(l.in_flight(), 1);
