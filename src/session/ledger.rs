@@ -95,13 +95,13 @@ pub struct Sent {
 }
 
 /// What a frame from the member is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
     /// (Part of) the reply to the command at the front: one step of the count.
     Reply,
-    /// The reply to the command at the front, a simple error, that the client gets as these
-    /// bytes instead (see [`Command::answer`]).
-    Answered(Bytes),
+    /// The reply to the command at the front, a simple error, that the client gets as
+    /// [`Ledger::take_answer`] instead (see [`Command::answer`]).
+    Answered,
     /// Not a reply: a pub/sub message, an invalidation, an attribute, a MONITOR line, or
     /// anything on a raw session.
     Push,
@@ -172,6 +172,8 @@ pub struct Ledger {
     seen: Seen,
     state: SessionState,
     raw: bool,
+    /// The answer of the last [`Frame::Answered`], until taken.
+    answer: Option<Bytes>,
 }
 
 impl Ledger {
@@ -332,7 +334,18 @@ impl Ledger {
             _ => None,
         };
         self.settle_front(reply);
-        answer.map_or(Frame::Reply, Frame::Answered)
+        match answer {
+            None => Frame::Reply,
+            Some(answer) => {
+                self.answer = Some(answer);
+                Frame::Answered
+            }
+        }
+    }
+
+    /// What the client gets in place of the frame just found [`Frame::Answered`].
+    pub fn take_answer(&mut self) -> Option<Bytes> {
+        self.answer.take()
     }
 
     /// The member failed: every command in flight has an unknown outcome. Returns how many
@@ -347,6 +360,7 @@ impl Ledger {
             seen: self.seen.clone(),
             state: self.state.clone(),
             raw: false,
+            answer: None,
         };
         for entry in self.queue.drain(..) {
             let expect = probe.expect(&entry);

@@ -958,7 +958,7 @@ impl Session {
         };
         // Replies the client gets in place of the member's (a refused command inside
         // MULTI): where they are in `data`, and what goes instead. Rare.
-        let mut answered: Vec<(Range<usize>, Bytes)> = Vec::new();
+        let mut answered: Option<Vec<(Range<usize>, Bytes)>> = None;
         let consumed = if ledger.raw() {
             data.len()
         } else {
@@ -972,7 +972,13 @@ impl Session {
                 .scan(data, |reply| {
                     match ledger.frame(reply) {
                         Frame::Unexpected => unexpected = true,
-                        Frame::Answered(answer) => answered.push((start..reply.end, answer)),
+                        Frame::Answered => {
+                            if let Some(answer) = ledger.take_answer() {
+                                answered
+                                    .get_or_insert_with(Vec::new)
+                                    .push((start..reply.end, answer));
+                            }
+                        }
                         Frame::Reply | Frame::Push => {}
                     }
                     start = reply.end;
@@ -1004,11 +1010,12 @@ impl Session {
             self.blocked_forever = false;
         }
         let spliced;
-        let out = if answered.is_empty() {
-            &data[..consumed]
-        } else {
-            spliced = splice(&data[..consumed], answered);
-            &spliced[..]
+        let out = match answered {
+            None => &data[..consumed],
+            Some(answered) => {
+                spliced = splice(&data[..consumed], answered);
+                &spliced[..]
+            }
         };
         // Counted before the write, as in `write_client`: whoever has read these bytes sees
         // them counted.
