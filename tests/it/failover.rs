@@ -467,12 +467,13 @@ async fn worker_threads_share_the_port_and_fail_over_together() {
 
 /// Read before write, made deterministic: the proxy is paused (SIGSTOP, idle in
 /// `epoll_wait`) while a client's command arrives and then its member dies, so that when it
-/// resumes the command and the member's close are both waiting, the command first. The command was never written to
-/// the member, so it goes to the next one and runs there once; it must not be answered
-/// `-OUTCOMEUNKNOWN` after a write into a connection the member had already closed. Fails
-/// when the shared connection's task writes before it reads (multiplexed), or when the
-/// session polls its client before its member (1:1); it failed in a fresh-clone run, by
-/// chance, when a session wrote into an idle shared connection itself (06abbe2).
+/// resumes the command and the member's close are both waiting, the command first. The
+/// command was never written to the member, so it goes to the next one and runs there once;
+/// it must not be answered `-OUTCOMEUNKNOWN` after a write into a connection the member had
+/// already closed. Fails when the shared connection's task writes before it reads
+/// (multiplexed), or when the session polls its client before its member (1:1), and against
+/// 06abbe2..f34d08e, where a session wrote into an idle shared connection itself (which a
+/// fresh-clone run once caught by chance).
 #[tokio::test]
 async fn a_command_that_arrives_with_its_members_close_goes_unsent_to_the_next_member() {
     let mut east = RedisServer::start();
