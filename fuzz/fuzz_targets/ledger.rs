@@ -117,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
                 let retry = (op & 0x40 != 0).then(|| Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
                 // A refused command's answer (Command::answer) on some of those without retry.
                 let answer =
-                    (op & 0x41 == 0x01).then(|| Bytes::from_static(b"-ERR refused\r\n"));
+                    (op & 0x41 == 0x01).then(|| Box::from(&b"-ERR refused\r\n"[..]));
                 ledger.sent(Command {
                     kind,
                     args,

@@ -70,10 +70,11 @@ pub struct Command<'a> {
     /// The command's bytes, kept to re-send if the member fails before answering
     /// (read-only commands with `failover.retry_reads`).
     pub retry: Option<Bytes>,
-    /// What the client gets instead of the member's reply when that reply is an error: for
-    /// a command the proxy refused inside MULTI, sent under a name the member refuses so
-    /// that EXEC aborts as in Redis, the error Redis itself would have given.
-    pub answer: Option<Bytes>,
+    /// What the client gets instead of the member's reply when that reply is a simple error:
+    /// for a command the proxy refused inside MULTI, sent under a name the member refuses so
+    /// that EXEC aborts as in Redis, the error Redis itself would have given. (Boxed: every
+    /// command carries the field, and almost none uses it.)
+    pub answer: Option<Box<[u8]>>,
 }
 
 /// Whether the ledger needs a command's arguments (blocking timeouts, session state,
@@ -122,7 +123,7 @@ struct Entry {
     /// Subscription confirmations received so far.
     confirmed: usize,
     retry: Option<Bytes>,
-    answer: Option<Bytes>,
+    answer: Option<Box<[u8]>>,
 }
 
 impl Entry {
@@ -173,7 +174,7 @@ pub struct Ledger {
     state: SessionState,
     raw: bool,
     /// The answer of the last [`Frame::Answered`], until taken.
-    answer: Option<Bytes>,
+    answer: Option<Box<[u8]>>,
 }
 
 impl Ledger {
@@ -344,7 +345,7 @@ impl Ledger {
     }
 
     /// What the client gets in place of the frame just found [`Frame::Answered`].
-    pub fn take_answer(&mut self) -> Option<Bytes> {
+    pub fn take_answer(&mut self) -> Option<Box<[u8]>> {
         self.answer.take()
     }
 

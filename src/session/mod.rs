@@ -431,7 +431,7 @@ impl Session {
             let mut screened = false;
             // ... because the policy refused it inside MULTI: what the client gets in place
             // of the member's error (taken when it is recorded).
-            let mut refused: Option<Bytes> = None;
+            let mut refused: Option<Box<[u8]>> = None;
             let owed_before = self.ledger.in_flight();
             let was_idle = owed_before == 0;
             // A strict switch, or a fence that closed, holds new commands.
@@ -517,7 +517,7 @@ impl Session {
                                 self.count(counted);
                                 self.replace_frame(end, frame.len, &args);
                                 screened = true;
-                                refused = answer.map(Bytes::from);
+                                refused = answer.map(Vec::into_boxed_slice);
                                 continue;
                             }
                         }
@@ -656,7 +656,7 @@ impl Session {
         kind: Kind,
         args: &[Vec<u8>],
         retry: Option<Bytes>,
-        answer: Option<Bytes>,
+        answer: Option<Box<[u8]>>,
     ) {
         if kind == Kind::Client {
             let sub = args.get(1).map(|a| a.to_ascii_uppercase());
@@ -958,30 +958,25 @@ impl Session {
         };
         // Replies the client gets in place of the member's (a refused command inside
         // MULTI): where they are in `data`, and what goes instead. Rare.
-        let mut answered: Option<Vec<(Range<usize>, Bytes)>> = None;
+        let mut answered: Option<Vec<Replacement>> = None;
         let consumed = if ledger.raw() {
             data.len()
         } else {
             let mut unexpected = false;
             let mut refusals = 0;
             let oom = self.ctx.oom_refuses;
-            // Where the next frame starts: a simple error line (the only kind answered for)
-            // is never forwarded in part, so it starts here, after the frame before it.
-            let mut start = 0;
             let consumed = reply_scanner
                 .scan(data, |reply| {
                     match ledger.frame(reply) {
                         Frame::Unexpected => unexpected = true,
                         Frame::Answered => {
                             if let Some(answer) = ledger.take_answer() {
-                                answered
-                                    .get_or_insert_with(Vec::new)
-                                    .push((start..reply.end, answer));
+                                let line = line_start(data, reply.end)..reply.end;
+                                answered.get_or_insert_with(Vec::new).push((line, answer));
                             }
                         }
                         Frame::Reply | Frame::Push => {}
                     }
-                    start = reply.end;
                     if reply.is_error() && cannot_serve(reply.error_head(), oom) {
                         refusals += 1;
                     }
@@ -1182,8 +1177,20 @@ async fn read_upstream(
     }
 }
 
+/// Bytes of a member's reply (a range of what was read) and what the client gets instead.
+type Replacement = (Range<usize>, Box<[u8]>);
+
+/// Where the line that ends at `end` (with its `\r\n`) starts in `data`: after the `\n`
+/// before it. A simple error line is never forwarded in part, so it is whole in `data`.
+fn line_start(data: &[u8], end: usize) -> usize {
+    let body = &data[..end.saturating_sub(2)];
+    body.iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1)
+}
+
 /// `data` with each range replaced by its bytes (ranges in order, not overlapping).
-fn splice(data: &[u8], replacements: Vec<(Range<usize>, Bytes)>) -> Vec<u8> {
+fn splice(data: &[u8], replacements: Vec<Replacement>) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
     let mut at = 0;
     for (range, bytes) in replacements {

@@ -133,12 +133,12 @@ impl Rules {
             return (refuse(args, standing, denied(&lower), unknown), counted());
         }
         if c.hidden.contains(&lower) {
-            // Inside MULTI the member must refuse it. Not `name` + NUL + a suffix (the error
-            // would then print `name` exactly): Redis finds a command with `strcasecmp`,
+            // Inside MULTI the member must refuse it: a name with a '(' (no command has
+            // one). Never `name` + NUL + a suffix: Redis finds a command with `strcasecmp`,
             // which stops at the NUL, among the names in the same hash bucket, and the hash
             // covers the whole name with a seed drawn at the member's start: in about one
             // member process in 256 the NUL name shares the real command's bucket and RUNS
-            // it. No command name has a '('.
+            // it.
             let mut unknown = name.clone();
             unknown.extend_from_slice(b"(renamed-by-geoproxy)");
             return (

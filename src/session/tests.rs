@@ -78,3 +78,22 @@ fn a_session_does_not_spin_when_the_router_is_gone() {
         "{ticks} ticks of CPU in 600 ms of an idle session"
     );
 }
+
+#[test]
+fn answered_lines_are_found_and_replaced_in_place() {
+    let data = b"+OK\r\n+QUEUED\r\n-ERR member's own\r\n-ERR other\r\n:1\r\n";
+    let first = data.len() - b"-ERR member's own\r\n-ERR other\r\n:1\r\n".len();
+    let second = data.len() - b"-ERR other\r\n:1\r\n".len();
+    let third = data.len() - b":1\r\n".len();
+    assert_eq!(super::line_start(data, second), first);
+    assert_eq!(super::line_start(data, third), second);
+    assert_eq!(super::line_start(b"-ERR x\r\n", 8), 0);
+    let out = super::splice(
+        data,
+        vec![
+            (first..second, Box::from(&b"-ERR a\r\n"[..])),
+            (second..third, Box::from(&b"-ERR b\r\n"[..])),
+        ],
+    );
+    assert_eq!(out, b"+OK\r\n+QUEUED\r\n-ERR a\r\n-ERR b\r\n:1\r\n");
+}

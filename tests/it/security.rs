@@ -321,15 +321,15 @@ async fn denied_and_renamed_commands_answer_as_the_policy_says() {
     ));
     // Inside MULTI the old name is refused by the member too, under a name no member can
     // take for the real command, so that EXEC aborts; the client gets Redis's own error for
-    // it in place of the member's.
-    let script = b"MULTI\r\nSET b 1\r\nCONFIG GET x\r\nEXEC\r\nGET b\r\n\
+    // it in place of the member's (two in one transaction: two in one read of replies).
+    let script = b"MULTI\r\nSET b 1\r\nCONFIG GET x\r\nconfig\r\nEXEC\r\nGET b\r\n\
                    MULTI\r\nconfig\r\nDISCARD\r\nQUIT\r\n";
     let replies = same_replies(oracle_addr, proxy.addr, script).await;
     assert!(
         replies.starts_with(
             b"+OK\r\n+QUEUED\r\n-ERR unknown command 'CONFIG', with args beginning with: \
-              'GET' 'x' \r\n-EXECABORT Transaction discarded because of previous errors.\r\n\
-              $-1\r\n"
+              'GET' 'x' \r\n-ERR unknown command 'config', with args beginning with: \r\n\
+              -EXECABORT Transaction discarded because of previous errors.\r\n$-1\r\n"
         ),
         "{}",
         String::from_utf8_lossy(&replies)

@@ -299,8 +299,8 @@ fn exec_element_errors_past_the_64th_are_unknown() {
 
 #[test]
 fn a_refused_command_in_multi_is_answered_with_its_answer_only_if_the_member_refuses_it() {
-    let answer =
-        Bytes::from_static(b"-ERR unknown command 'CONFIG', with args beginning with: \r\n");
+    let answer: Box<[u8]> =
+        Box::from(&b"-ERR unknown command 'CONFIG', with args beginning with: \r\n"[..]);
     let refused = |l: &mut Ledger| {
         l.sent(Command {
             kind: Kind::Plain,
